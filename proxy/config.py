@@ -1,0 +1,504 @@
+"""The proxy's configuration: frozen dataclasses, and the pure loader that builds them.
+
+Owns the config contract of DESIGN.md (every key, its default and its rule), the
+``${VAR}`` / ``${VAR:-default}`` interpolation, and ``describe_config`` for
+``hoopai-proxy check-config``. Nothing is read at import time: ``load_config(path, environ)``
+reads exactly that file and that mapping.
+
+The schema is the dataclasses themselves. A generic walker builds each one from
+``dataclasses.fields()`` and the type hints (a dataclass is a mapping, ``tuple[X, ...]`` a
+list); a scalar field's ``metadata["check"]`` coerces and validates its value (a list's
+``metadata["item"]`` does so for each element). A field with ``repr=False`` is a secret:
+masked by ``describe_config`` and never echoed in an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import typing
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, tzinfo
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+
+from proxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_D = TypeVar("_D", bound="DataclassInstance")
+Check = Callable[[object], object]
+
+
+class _Invalid(Exception):
+    """A check's verdict on a value; the walker adds the key and the value."""
+
+
+# -- checks: each coerces a raw value (after interpolation) or raises _Invalid ----------------
+
+
+def _integer(low: int, high: int | None, reason: str) -> Check:
+    def check(value: object) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(reason)
+        if value < low or (high is not None and value > high):
+            raise _Invalid(reason)
+        return value
+
+    return check
+
+
+_POSITIVE = _integer(1, None, "must be a positive integer")
+_NON_NEGATIVE = _integer(0, None, "must be a non-negative integer")
+# Port 0 asks the OS for a free port: tests bind it and read the port back.
+_LISTEN_PORT = _integer(0, 65535, "must be an integer from 0 to 65535 (0 picks a free port)")
+
+
+_SECONDS = "must be a positive number of seconds"
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Invalid(_SECONDS) from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(_SECONDS)
+    if not math.isfinite(value) or value <= 0:
+        raise _Invalid(_SECONDS)
+    return float(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("must be a string")
+    return value
+
+
+def _non_empty(value: object) -> str:
+    text = _text(value)
+    if not text.strip():
+        raise _Invalid("must be a non-empty string")
+    return text
+
+
+def _pattern(regex: str, reason: str, *, lower: bool = False) -> Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or not re.fullmatch(regex, value):
+            raise _Invalid(reason)
+        return value.lower() if lower else value
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    reason = "must be " + " or ".join(f'"{choice}"' for choice in choices)
+    return _pattern("|".join(map(re.escape, choices)), reason)
+
+
+_ID = r"[A-Za-z0-9_.-]+"
+_NAME = _pattern(_ID, "must be a name made of letters, digits, '.', '_' or '-'")
+_RESOURCE = _pattern(
+    rf"|(?:location|company):{_ID}", 'must be "" or "location:<id>" or "company:<id>"'
+)
+_ALLOW = _pattern(
+    rf"\*|(?:location|company):(?:\*|{_ID})",
+    'must be "*", "location:*", "company:*", "location:<id>" or "company:<id>"',
+)
+_SHA256 = _pattern(
+    r"[0-9a-fA-F]{64}", "must be 64 hex characters (the SHA-256 of the caller key)", lower=True
+)
+_REDIS_URL = _pattern(
+    r"|(?:redis|rediss|unix)://.*", "must be empty or start with redis://, rediss:// or unix://"
+)
+
+
+def _http_parts(value: object) -> SplitResult | None:
+    """The parts of an http(s) URL with a host, or None."""
+    try:
+        parts = urlsplit(_text(value))
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port out of 1-65535 or not a number, a broken IPv6 literal
+        return None
+    return parts if valid else None
+
+
+def _redirect_uri(value: object) -> str:
+    url = _text(value)
+    if _http_parts(url) is None:
+        raise _Invalid("must be an http:// or https:// URL with a host")
+    return url
+
+
+def _base_url(value: object) -> str:
+    url = _text(value)
+    if _http_parts(url) is None or "?" in url or "#" in url:
+        raise _Invalid("must be an http:// or https:// URL with a host and no query")
+    return url.rstrip("/")
+
+
+def _timezone(value: object) -> str:
+    name = _text(value)
+    if name == "UTC":  # always valid, even where tzdata is missing
+        return name
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise _Invalid("must be an IANA time zone name such as UTC or Europe/Paris") from None
+    return name
+
+
+def _non_empty_list(value: object) -> object:
+    if not value:
+        raise _Invalid("must be a non-empty list")
+    return value
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        return _BOOLEANS[value.strip().lower()]
+    raise _Invalid("must be true or false")
+
+
+def _rule(check: Check, item: Check | None = None) -> dict[str, Check]:
+    return {"check": check} if item is None else {"check": check, "item": item}
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata=_rule(_non_empty))
+    port: int = field(default=8080, metadata=_rule(_LISTEN_PORT))
+    workers: int = field(default=1, metadata=_rule(_POSITIVE))
+    max_body_bytes: int = field(default=33554432, metadata=_rule(_POSITIVE))
+    # Bodies up to this size are held so they can be searched for a locationId and sent
+    # again after an upstream 429 or 401; larger ones stream through, sent once.
+    replay_body_bytes: int = field(default=1048576, metadata=_rule(_POSITIVE))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = field(default="127.0.0.1", metadata=_rule(_non_empty))
+    port: int = field(default=9090, metadata=_rule(_LISTEN_PORT))
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str = field(default="https://services.leadconnectorhq.com", metadata=_rule(_base_url))
+    default_version: str = field(default="2021-07-28", metadata=_rule(_non_empty))
+    connect_timeout_s: float = field(default=5.0, metadata=_rule(_seconds))
+    timeout_s: float = field(default=60.0, metadata=_rule(_seconds))
+    max_connections: int = field(default=256, metadata=_rule(_POSITIVE))
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str = field(metadata=_rule(_NAME))
+    client_id: str = field(metadata=_rule(_non_empty))
+    client_secret: str = field(repr=False, metadata=_rule(_non_empty))
+    redirect_uri: str = field(
+        default="http://localhost:8080/_proxy/oauth/callback", metadata=_rule(_redirect_uri)
+    )
+
+    @property
+    def app_id(self) -> str:
+        """The marketplace app id: the client_id before its first '-'."""
+        return self.client_id.split("-", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class BurstConfig:
+    requests: int = field(default=100, metadata=_rule(_POSITIVE))
+    interval_ms: int = field(default=10000, metadata=_rule(_POSITIVE))
+    pad_ms: int = field(default=100, metadata=_rule(_NON_NEGATIVE))
+
+
+@dataclass(frozen=True, slots=True)
+class DailyConfig:
+    requests: int = field(default=200000, metadata=_rule(_POSITIVE))
+    timezone: str = field(default="UTC", metadata=_rule(_timezone))
+
+    @property
+    def zone(self) -> tzinfo:
+        """The tzinfo of ``timezone``; UTC needs no tzdata."""
+        return UTC if self.timezone == "UTC" else zoneinfo.ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    mode: str = field(default="enforce", metadata=_rule(_one_of("enforce", "shadow")))
+    burst: BurstConfig = field(default_factory=BurstConfig)
+    daily: DailyConfig = field(default_factory=DailyConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    mode: str = field(default="queue", metadata=_rule(_one_of("queue", "reject")))
+    max_wait_ms: int = field(default=30000, metadata=_rule(_NON_NEGATIVE))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    # A secret because a Redis URL may carry a password; describe_config masks only that.
+    redis_url: str = field(default="", repr=False, metadata=_rule(_REDIS_URL))
+    # true: redis_url names one node of a Redis Cluster; the client discovers the rest.
+    redis_cluster: bool = field(default=False, metadata=_rule(_boolean))
+    sqlite_path: str = field(default="./data/tokens.db", metadata=_rule(_non_empty))
+    on_redis_error: str = field(default="local", metadata=_rule(_one_of("local", "reject")))
+    expected_replicas: int = field(default=1, metadata=_rule(_POSITIVE))
+
+
+@dataclass(frozen=True, slots=True)
+class CallerConfig:
+    name: str = field(metadata=_rule(_NAME))
+    key_sha256: str = field(repr=False, metadata=_rule(_SHA256))
+    allow: tuple[str, ...] = field(metadata=_rule(_non_empty_list, item=_ALLOW))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    apps: tuple[AppConfig, ...] = field(metadata=_rule(_non_empty_list))
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    callers: tuple[CallerConfig, ...] = ()
+    default_resource: str = field(default="", metadata=_rule(_RESOURCE))
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+class _Loader(yaml.BaseLoader):
+    """Every scalar stays a string (no YAML 1.1 surprises such as ``no``, ``0123`` or dates:
+    the schema coerces); ``~``, ``null`` or nothing is None; a repeated key is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'duplicate key "{key_node.value}"', key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_NULL = "tag:yaml.org,2002:null"
+_Loader.add_implicit_resolver(_NULL, re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+_Loader.add_constructor(_NULL, lambda loader, node: None)
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
+    """Read, interpolate and validate a config file; ``None`` is an empty document."""
+    return parse_config(None if path is None else _read_yaml(path), environ)
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> object:
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read the file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, "cannot read the file: it is not UTF-8 text") from exc
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "").split())
+        raise ConfigError(name, f"invalid YAML{where}: {problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, f"invalid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def parse_config(document: object, environ: Mapping[str, str]) -> Config:
+    """Build a Config from a parsed YAML value; raises ConfigError naming the first bad key."""
+    if document is not None and not isinstance(document, Mapping):
+        raise ConfigError("", f"the config must be a mapping, got {_show(document)}")
+    config = _build(Config, document, "", environ)
+    _unique(config.apps, "apps", "name")
+    _unique(config.apps, "apps", "client_id")
+    _unique(config.callers, "callers", "name")
+    _unique(config.callers, "callers", "key_sha256", secret=True)
+    _check_admin_token(config.admin)
+    return config
+
+
+def _build(cls: type[_D], raw: object, key: str, environ: Mapping[str, str]) -> _D:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"must be a mapping, got {_show(raw)}")
+    fields = dataclasses.fields(cls)
+    _refuse_unknown(raw, [f.name for f in fields], key)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields:
+        sub = f"{key}.{f.name}" if key else f.name
+        if raw.get(f.name) is not None:
+            values[f.name] = _value(f, hints[f.name], raw[f.name], sub, environ)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(sub, "is required")
+    return cls(**values)
+
+
+def _refuse_unknown(raw: Mapping[Any, object], names: list[str], key: str) -> None:
+    for name in map(str, raw):
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise ConfigError(f"{key}.{name}" if key else name, f"unknown key{hint}")
+
+
+def _value(
+    f: dataclasses.Field[Any], hint: Any, raw: object, key: str, environ: Mapping[str, str]
+) -> object:
+    if _is_section(hint):
+        return _build(hint, raw, key, environ)
+    if typing.get_origin(hint) is not tuple:
+        return _scalar(f.metadata.get("check", _text), raw, key, not f.repr, environ)
+    if not isinstance(raw, list):
+        raise ConfigError(key, f"must be a list, got {_show(raw)}")
+    item_hint = typing.get_args(hint)[0]
+    items = (
+        _build(item_hint, item, f"{key}[{i}]", environ)
+        if _is_section(item_hint)
+        else _scalar(f.metadata.get("item", _text), item, f"{key}[{i}]", False, environ)
+        for i, item in enumerate(raw)
+    )
+    return _checked(f.metadata.get("check"), tuple(items), key, secret=False)
+
+
+def _is_section(hint: object) -> TypeGuard[type[DataclassInstance]]:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _scalar(
+    check: Check, raw: object, key: str, secret: bool, environ: Mapping[str, str]
+) -> object:
+    value = _interpolate(raw, key, environ) if isinstance(raw, str) else raw
+    return _checked(check, value, key, secret)
+
+
+def _checked(check: Check | None, value: object, key: str, secret: bool) -> object:
+    if check is None:
+        return value
+    try:
+        return check(value)
+    except _Invalid as exc:
+        raise ConfigError(key, f"{exc}, got {_show(value, secret)}") from exc
+
+
+# $$ is a literal $; ${NAME} or ${NAME:-default}; a bare ${ that does not close is an error.
+_REFERENCE = re.compile(r"\$\$|\$\{(?P<body>[^}]*)\}|\$\{")
+_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
+
+
+def _interpolate(text: str, key: str, environ: Mapping[str, str]) -> str:
+    """Expand references once, after YAML parsing, so a value from the environment is never
+    parsed as YAML nor expanded again. ``:-`` uses the default when unset or empty, as sh does.
+    """
+
+    def expand(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        body = _BODY.fullmatch(match.group("body") or "")
+        if body is None:
+            raise ConfigError(key, "bad reference: use ${NAME}, ${NAME:-default}, or $$ for $")
+        name, default = body.group("name", "default")
+        if default is not None:
+            return environ.get(name) or default
+        if name not in environ:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return environ[name]
+
+    return _REFERENCE.sub(expand, text)
+
+
+def _unique(items: tuple[Any, ...], key: str, attr: str, *, secret: bool = False) -> None:
+    seen: set[object] = set()
+    for i, item in enumerate(items):
+        value = getattr(item, attr)
+        if value in seen:
+            raise ConfigError(f"{key}[{i}].{attr}", f"must be unique, got {_show(value, secret)}")
+        seen.add(value)
+
+
+def _check_admin_token(admin: AdminConfig) -> None:
+    if admin.token or admin.host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(admin.host).is_loopback:
+            return
+    except ValueError:
+        pass
+    reason = f"is required when admin.host ({_show(admin.host)}) is not a loopback address"
+    raise ConfigError("admin.token", reason)
+
+
+def _show(value: object, secret: bool = False) -> str:
+    """The bad value for an error message: one line, short, and never a secret."""
+    if secret:
+        return f"a value of {len(str(value))} characters"
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list | tuple):
+        return "list" if value else "[]"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:76] + '..."'
+
+
+# -- describing ------------------------------------------------------------------------------
+
+
+def describe_config(config: Config) -> str:
+    """The effective config as YAML, with the file's keys; secrets show as "***" when set."""
+    return yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    return {
+        f.name: _plain(getattr(value, f.name)) if f.repr else _mask(f.name, getattr(value, f.name))
+        for f in dataclasses.fields(value)
+    }
+
+
+def _mask(name: str, value: str) -> str:
+    if name != "redis_url":
+        return "***" if value else ""
+    # Hide only the password, in the userinfo or in a ?password= query (unix:// URLs).
+    # Greedy up to the last '@': masking too much is safe, too little is not.
+    value = re.sub(r"^([a-z]+://[^:@/]*:).*@", r"\1***@", value)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", value)

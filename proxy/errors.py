@@ -1,0 +1,117 @@
+"""The proxy's exception tree, and the one place that turns errors into JSON responses.
+
+    ProxyError                      anything the proxy itself reports
+    ├── ConfigError                 a bad config file or value; names the key
+    └── RequestError                answered to the caller as JSON, with an HTTP status
+        ├── BadRequest              400 bad_request (absolute-form target, CONNECT, ...)
+        ├── ResourceUnresolved      400 resource_unresolved
+        ├── CallerUnauthenticated   401 caller_unauthenticated
+        ├── ResourceForbidden       403 resource_forbidden
+        ├── NotFound                404 not_found (an unknown /_proxy/ path)
+        ├── BodyTooLarge            413 body_too_large
+        ├── RateLimited             429 rate_limited (refused by the proxy's limiter)
+        ├── UpstreamUnreachable     502 upstream_unreachable
+        ├── LimiterUnavailable      503 limiter_unavailable
+        └── UpstreamTimeout         504 upstream_timeout
+
+Every error a caller sees has the upstream's error shape,
+``{"statusCode": N, "message": "...", "error": "<code>"}``, so client code that already
+parses HoopAI errors parses the proxy's too. Later issues add their codes here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy raises on purpose."""
+
+
+class ConfigError(ProxyError):
+    """A config file or value is wrong. ``str()`` is one line: ``key: reason``."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+class RequestError(ProxyError):
+    """An error answered to the caller. Subclasses fix the status and the code."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class BadRequest(RequestError):
+    status = 400
+    code = "bad_request"
+
+
+class ResourceUnresolved(RequestError):
+    status = 400
+    code = "resource_unresolved"
+
+
+class CallerUnauthenticated(RequestError):
+    status = 401
+    code = "caller_unauthenticated"
+
+
+class ResourceForbidden(RequestError):
+    status = 403
+    code = "resource_forbidden"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class RateLimited(RequestError):
+    status = 429
+    code = "rate_limited"
+
+
+class UpstreamUnreachable(RequestError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class LimiterUnavailable(RequestError):
+    status = 503
+    code = "limiter_unavailable"
+
+
+class UpstreamTimeout(RequestError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def error_body(status: int, message: str, code: str) -> bytes:
+    """The upstream-shaped JSON error body."""
+    return json.dumps({"statusCode": status, "message": message, "error": code}).encode()
+
+
+def error_response(error: RequestError) -> web.Response:
+    """Turn a RequestError into the JSON response the caller gets."""
+    return web.Response(
+        status=error.status,
+        body=error_body(error.status, error.message, error.code),
+        content_type="application/json",
+        headers=error.headers,
+    )
