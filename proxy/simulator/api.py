@@ -1,0 +1,86 @@
+"""The generic API endpoint: every path outside ``/oauth/`` and ``/_sim/``, any method.
+
+Checks run in the real API's order: connection faults (drop, latency), the ``Version``
+header, the bearer token, the limits of the token's resource, then answer faults (5xx,
+"Command timed out"), and finally a 200 echo of the request. Every answer from the limit
+stage on carries the five ``X-RateLimit-*`` headers, computed after this request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+
+from aiohttp import web
+
+from proxy.simulator.echo import echo
+from proxy.simulator.state import SIMULATOR, Simulator, Verdict
+from proxy.simulator.tokens import AccessGrant
+from proxy.simulator.wire import error_response
+
+_RESERVED_PREFIXES = ("/oauth/", "/_sim/")
+
+
+def drop_connection(request: web.Request) -> web.StreamResponse:
+    """Close the connection without a byte of answer.
+
+    The returned response is never sent: aiohttp fails to write it to the closed
+    transport, treats that as a client disconnect and ends the connection quietly.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=500)
+
+
+def _auth_json(grant: AccessGrant) -> dict[str, str]:
+    install = grant.install
+    return {
+        "authClass": install.user_type,
+        "authClassId": install.auth_class_id,
+        "client": install.app_id,
+    }
+
+
+def _answer_fault(sim: Simulator, headers: dict[str, str]) -> web.Response | None:
+    """A 5xx or "Command timed out" answer when the dice say so, else ``None``."""
+    if sim.dice.roll(sim.faults.error_ratio):
+        sim.counters.faults_5xx += 1
+        status = sim.faults.error_status
+        return error_response(status, HTTPStatus(status).phrase, headers=headers)
+    if sim.dice.roll(sim.faults.command_timeout_ratio):
+        sim.counters.command_timeouts += 1
+        return error_response(401, "Command timed out", headers=headers)
+    return None
+
+
+async def api_handler(request: web.Request) -> web.StreamResponse:
+    if request.path.startswith(_RESERVED_PREFIXES):
+        return error_response(404, f"Cannot {request.method} {request.path}", error="Not Found")
+    sim = request.app[SIMULATOR]
+    sim.counters.requests += 1
+    if sim.dice.roll(sim.faults.drop_ratio):
+        sim.counters.dropped += 1
+        return drop_connection(request)
+    if sim.faults.latency_ms > 0:
+        await asyncio.sleep(sim.faults.latency_ms / 1000)
+    if "Version" not in request.headers:
+        sim.counters.missing_version += 1
+        return error_response(401, "version header was not found.")
+    grant = sim.authenticate(request.headers.get("Authorization"))
+    if grant is None:
+        sim.counters.invalid_jwt += 1
+        return error_response(401, "Invalid JWT")
+    verdict, view = sim.gate(grant.install.resource)
+    headers = view.headers()
+    if verdict is not Verdict.ADMITTED:
+        return error_response(429, "Too many requests", error="Too Many Requests", headers=headers)
+    fault = _answer_fault(sim, headers)
+    if fault is not None:
+        return fault
+    return web.json_response(await echo(request, _auth_json(grant)), headers=headers)
+
+
+def routes() -> list[web.RouteDef]:
+    """The catch-all route; register it after every other one."""
+    return [web.route("*", "/{tail:.*}", api_handler)]

@@ -1,0 +1,209 @@
+"""The ``Simulator``: one fake HoopAI server's state, and the operations on it.
+
+Handlers and in-process tests call these methods; none of them awaits, so each one is
+atomic on the event loop. Time is ``clock() + clock_offset``: tests move the offset
+instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from proxy.simulator.config import SimulatorConfig, check_lifetime, check_limits
+from proxy.simulator.faults import Dice, Faults
+from proxy.simulator.jwt import random_id
+from proxy.simulator.limits import LimitBook, LimitView
+from proxy.simulator.stats import Stats
+from proxy.simulator.tokens import USER_TYPES, AccessGrant, Install, TokenBook, grant_json
+
+_LIFETIMES = ("access_token_lifetime_s", "refresh_token_lifetime_s")
+
+
+class Verdict(enum.Enum):
+    """What the limit stage decided for one API request."""
+
+    ADMITTED = "admitted"
+    LIMITED = "limited"
+    FORCED_429 = "forced_429"
+
+
+class Simulator:
+    """State of one simulated HoopAI API: apps, tokens, limits, faults and counters."""
+
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = (config or SimulatorConfig()).copy()
+        self.clock_offset = 0.0
+        self.faults = Faults()
+        self.counters = Stats()
+        self.tokens = TokenBook()
+        self.limits = LimitBook(self.config)
+        self.dice = Dice(self.config.seed)
+        self._clock = clock
+
+    def now(self) -> float:
+        """The simulator's time: the injected clock plus whatever tests advanced."""
+        return self._clock() + self.clock_offset
+
+    def advance_clock(self, seconds: float) -> float:
+        """Move the simulator's time forward; returns the new ``now()``."""
+        if seconds < 0:
+            raise ValueError(f"advance_s: must not be negative, got {seconds!r}")
+        self.clock_offset += seconds
+        return self.now()
+
+    # -- apps and installs -------------------------------------------------------------
+
+    def register_app(self, client_id: str, client_secret: str) -> None:
+        if not client_id or not client_secret:
+            raise ValueError("client_id and client_secret: must not be empty")
+        self.config.apps[client_id] = client_secret
+
+    def client_ok(self, client_id: str, client_secret: str) -> bool:
+        expected = self.config.apps.get(client_id)
+        # compare_digest: the fake should not teach callers a timing-leaky habit.
+        return expected is not None and hmac.compare_digest(
+            expected.encode(), client_secret.encode()
+        )
+
+    def install(
+        self,
+        client_id: str,
+        *,
+        user_type: str = "Location",
+        location_id: str | None = None,
+        company_id: str | None = None,
+        approved_locations: Iterable[str] = (),
+    ) -> tuple[str, Install]:
+        """Install an app (as the marketplace would) and mint its authorization code."""
+        if client_id not in self.config.apps:
+            raise ValueError(f"client_id: unknown app {client_id!r}")
+        if user_type not in USER_TYPES:
+            raise ValueError(f"user_type: must be Location or Company, got {user_type!r}")
+        install = Install(
+            client_id=client_id,
+            user_type=user_type,
+            company_id=company_id or random_id(),
+            location_id=(location_id or random_id()) if user_type == "Location" else None,
+            user_id=random_id(),
+            approved_locations=tuple(approved_locations),
+        )
+        return self.tokens.mint_code(install, self.now()), install
+
+    def grant(self, client_id: str, **install: Any) -> dict[str, Any]:
+        """Install and exchange in one step, in process: the /oauth/token answer.
+
+        ``install`` takes the keywords of :meth:`install`. Counts as an exchanged code.
+        """
+        code, _ = self.install(client_id, **install)
+        pair = self.tokens.redeem_code(
+            code, client_id, self.now(), self.config.access_token_lifetime_s
+        )
+        self.counters.codes_exchanged += 1
+        return grant_json(pair)
+
+    def authenticate(self, authorization: str | None) -> AccessGrant | None:
+        """The grant behind an ``Authorization: Bearer`` value, or ``None`` (Invalid JWT)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self.tokens.access(token.strip(), self.now())
+
+    # -- limits --------------------------------------------------------------------------
+
+    def gate(self, resource: str) -> tuple[Verdict, LimitView]:
+        """Count one API request for ``resource`` against its limits and the forced 429s."""
+        now = self.now()
+        counters = self.counters.resource(resource)
+        counters.requests += 1
+        if not self.limits.allows(resource, now):
+            verdict = Verdict.LIMITED
+        elif self.faults.force_429 > 0:
+            # Forced 429s come after the limit check and, like real ones, consume nothing.
+            self.faults.force_429 -= 1
+            self.counters.forced_429 += 1
+            verdict = Verdict.FORCED_429
+        else:
+            self.limits.admit(resource, now)
+            counters.admitted += 1
+            self.counters.admitted += 1
+            counters.max_in_window = self.limits.max_in_window(resource)
+            verdict = Verdict.ADMITTED
+        if verdict is not Verdict.ADMITTED:
+            counters.rate_limited += 1
+            self.counters.rate_limited += 1
+        return verdict, self.limits.view(resource, now)
+
+    def admitted_times(self, resource: str) -> list[float]:
+        """Admitted request times of one resource (the last 100k), oldest first."""
+        return self.limits.admitted_times(resource)
+
+    # -- control -------------------------------------------------------------------------
+
+    def set_faults(
+        self, faults: Mapping[str, object] | None = None, /, **more: object
+    ) -> dict[str, object]:
+        """Merge faults (a mapping, keywords, or both) into the current ones."""
+        self.faults.merge({**(faults or {}), **more})
+        return self.faults.as_json()
+
+    def clear_faults(self) -> None:
+        self.faults = Faults()
+
+    def set_limits(
+        self, limits: Mapping[str, object] | None = None, /, **more: object
+    ) -> dict[str, object]:
+        """Change burst, interval_ms, daily and/or window; all checked before any is set."""
+        limits = {**(limits or {}), **more}
+        current: dict[str, object] = {
+            "burst": self.config.burst,
+            "interval_ms": self.config.interval_ms,
+            "daily": self.config.daily,
+            "window": self.config.window,
+        }
+        unknown = set(limits) - set(current)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown limit")
+        merged = current | limits
+        check_limits(merged["burst"], merged["interval_ms"], merged["daily"], merged["window"])
+        for name, value in limits.items():
+            setattr(self.config, name, value)
+        return merged
+
+    def set_config(
+        self, settings: Mapping[str, object] | None = None, /, **more: object
+    ) -> dict[str, object]:
+        """Change token lifetimes (applies to tokens issued from now on)."""
+        settings = {**(settings or {}), **more}
+        checked: dict[str, float] = {}
+        for name, value in settings.items():
+            if name not in _LIFETIMES:
+                raise ValueError(f"{name}: unknown setting")
+            checked[name] = check_lifetime(name, value)
+        for name, seconds in checked.items():
+            setattr(self.config, name, seconds)
+        return {name: getattr(self.config, name) for name in _LIFETIMES}
+
+    def expire_tokens(self, resource: str | None = None) -> int:
+        """Expire the live access tokens of one resource, or of all; returns how many."""
+        return self.tokens.expire(resource, self.now())
+
+    def reset(self) -> None:
+        """Clear counters, limit windows and the fault dice; keep apps, tokens and faults."""
+        self.counters = Stats()
+        self.limits.clear()
+        self.dice.reseed()
+
+    def stats(self) -> dict[str, Any]:
+        """The counters as ``GET /_sim/stats`` answers them (a copy)."""
+        return self.counters.snapshot()
+
+
+SIMULATOR: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)

@@ -1,0 +1,55 @@
+"""Counters the simulator keeps, globally and per resource, and their JSON snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ResourceStats:
+    """Counters of one ``<appid>:<kind>:<id>`` resource."""
+
+    requests: int = 0
+    admitted: int = 0
+    rate_limited: int = 0
+    refreshes: int = 0
+    max_in_window: int = 0
+
+
+@dataclass
+class Stats:
+    """Everything counted since start or the last reset.
+
+    ``requests`` counts every request that reached the fake API: the generic endpoint and
+    the ``/_sim/`` probes (echo, download, slow, headers), not OAuth or control calls;
+    ``probe_requests`` is the probes' share. ``rate_limited`` counts every 429 the generic
+    endpoint answered, ``forced_429`` the subset forced by the fault.
+    """
+
+    requests: int = 0
+    probe_requests: int = 0
+    admitted: int = 0
+    rate_limited: int = 0
+    forced_429: int = 0
+    refreshes: int = 0
+    dead_refresh_token_uses: int = 0
+    unknown_refresh_tokens: int = 0
+    inactive_location_refusals: int = 0
+    invalid_jwt: int = 0
+    missing_version: int = 0
+    codes_exchanged: int = 0
+    invalid_codes: int = 0
+    location_tokens_minted: int = 0
+    dropped: int = 0
+    faults_5xx: int = 0
+    command_timeouts: int = 0
+    per_resource: dict[str, ResourceStats] = field(default_factory=dict)
+
+    def resource(self, key: str) -> ResourceStats:
+        """The counters of one resource, created on first use."""
+        return self.per_resource.setdefault(key, ResourceStats())
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy, safe to keep while counting goes on."""
+        return asdict(self)
