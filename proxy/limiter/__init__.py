@@ -1,0 +1,1 @@
+"""Rate limiting per app per resource: the Limiter protocol and its backends."""

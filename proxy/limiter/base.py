@@ -1,0 +1,104 @@
+"""The Limiter protocol, its key and limits, and the Decision every backend returns.
+
+Backends (memory, Redis) implement the same algorithm (DESIGN.md, "The limiter"):
+burst is "at most N in ANY window of W", kept as the last N reserved slot times; daily
+is a counter per key per day in the configured timezone. A decision is one atomic step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class LimitKey:
+    """Who is limited: one Marketplace app for one Location or Company."""
+
+    app: str
+    kind: str  # "location" | "company"
+    id: str
+
+    @property
+    def tag(self) -> str:
+        """`app:kind:id`; in Redis it is the hash tag that keeps a key's state in one slot."""
+        return f"{self.app}:{self.kind}:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The numbers a decision is made with, in seconds and counts."""
+
+    burst: int
+    window_s: float
+    pad_s: float
+    daily: int
+
+    def scaled(self, share: int) -> Limits:
+        """This replica's share when replicas cannot coordinate (Redis down)."""
+        return Limits(
+            burst=max(1, self.burst // share),
+            window_s=self.window_s,
+            pad_s=self.pad_s,
+            daily=max(1, self.daily // share),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Day:
+    """The current limit day: an id for its counter and how long until it ends."""
+
+    id: str
+    ends_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one request for a slot.
+
+    Admitted: send after `wait_s`. Refused: `retry_after_s` says when asking again can
+    succeed, `limited_by` says which limit refused. The remaining counts and reset times
+    describe the key after this decision and feed the response headers.
+    """
+
+    admitted: bool
+    wait_s: float
+    retry_after_s: float
+    limited_by: str  # "" | "burst" | "daily"
+    burst_remaining: int
+    burst_reset_s: float
+    daily_remaining: int
+    daily_reset_s: float
+
+
+class Limiter(Protocol):
+    """Shared state for all replicas (Redis) or one process (memory)."""
+
+    async def acquire(
+        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+    ) -> Decision:
+        """Reserve the earliest slot for `key`, or refuse if it is more than `max_wait_s` away.
+
+        With `shadow`, decide the same way but record the request as sent now and never
+        refuse it: the caller reports the decision and sends at once.
+        """
+        ...
+
+    async def observe(
+        self,
+        key: LimitKey,
+        limits: Limits,
+        day: Day,
+        burst_remaining: int | None,
+        daily_remaining: int | None,
+        *,
+        urgent: bool = False,
+    ) -> None:
+        """Lower the key's state to the upstream's counts when they say fewer remain.
+
+        A backend may apply this with the key's next decision; `urgent` (an upstream 429,
+        which must pause every replica now) applies it at once.
+        """
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,139 @@
+"""The shared limiter: one Lua script call per decision in Redis (or Redis Cluster).
+
+The script reads Redis `TIME` and answers waits relative to it, so replicas whose clocks
+disagree still agree on the order and spacing of slots: each replica sleeps the relative
+wait on its own monotonic clock. Both keys of a resource carry the hash tag
+`{app:kind:id}`, so a cluster keeps them in one slot and the script may touch both.
+
+What the upstream's headers say is applied inside the next decision for the same key
+(with its age, so it counts as of when it was said): one round trip per request. Only an
+upstream 429 is sent at once, because every replica must pause now.
+
+Redis errors are translated here, at one boundary, into `LimiterUnavailable`; nothing
+above this module sees a redis-py type.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.errors import LimiterUnavailable
+from proxy.limiter.base import Day, Decision, LimitKey, Limits
+
+US = 1_000_000
+KEY_PREFIX = "hoopai:limit"
+NOT_SEEN = -1
+
+
+def redis_keys(key: LimitKey, day: Day) -> list[str]:
+    """The slots list and today's counter of `key`, sharing one cluster hash slot."""
+    base = f"{KEY_PREFIX}:{{{key.tag}}}"
+    return [f"{base}:burst", f"{base}:day:{day.id}"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What the upstream last said of a key, and when (on this replica's clock)."""
+
+    burst_remaining: int
+    daily_remaining: int
+    at: float
+
+
+class RedisLimiter:
+    """The limiter algorithm in Redis, shared by every replica that uses the same server."""
+
+    def __init__(
+        self, client: Redis | RedisCluster, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        """`clock` replaces Redis TIME; only tests set it, to replay chosen arrival times."""
+        script = resources.files("proxy.limiter").joinpath("lua", "limiter.lua").read_text()
+        self._script: AsyncScript = client.register_script(script)
+        self._clock = clock
+        self._seen: dict[LimitKey, _Seen] = {}
+
+    async def acquire(
+        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+    ) -> Decision:
+        seen = self._seen.pop(key, None)
+        reply = await self._call("acquire", key, limits, day, max_wait_s, shadow, seen)
+        admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining = reply
+        return Decision(
+            admitted=bool(admitted),
+            wait_s=int(wait) / US,
+            retry_after_s=int(retry_after) / US,
+            limited_by=limited_by.decode() if isinstance(limited_by, bytes) else str(limited_by),
+            burst_remaining=int(remaining),
+            burst_reset_s=int(reset) / US,
+            daily_remaining=int(daily_remaining),
+            daily_reset_s=day.ends_in_s,
+        )
+
+    async def observe(
+        self,
+        key: LimitKey,
+        limits: Limits,
+        day: Day,
+        burst_remaining: int | None,
+        daily_remaining: int | None,
+        *,
+        urgent: bool = False,
+    ) -> None:
+        seen = _Seen(
+            burst_remaining=NOT_SEEN if burst_remaining is None else max(0, burst_remaining),
+            daily_remaining=NOT_SEEN if daily_remaining is None else max(0, daily_remaining),
+            at=self._now(),
+        )
+        if urgent:
+            self._seen.pop(key, None)
+            await self._call("observe", key, limits, day, 0.0, False, seen)
+        else:
+            self._seen[key] = seen
+
+    async def close(self) -> None:
+        """The client belongs to whoever created it (the app's cleanup context)."""
+
+    async def _call(
+        self,
+        op: str,
+        key: LimitKey,
+        limits: Limits,
+        day: Day,
+        max_wait_s: float,
+        shadow: bool,
+        seen: _Seen | None,
+    ) -> Any:
+        args: list[int | str] = [
+            op,
+            limits.burst,
+            _us(limits.window_s),
+            _us(limits.pad_s),
+            limits.daily,
+            _us(day.ends_in_s),
+            _us(max_wait_s),
+            "1" if shadow else "0",
+            NOT_SEEN if seen is None else seen.burst_remaining,
+            NOT_SEEN if seen is None else seen.daily_remaining,
+            0 if seen is None else max(0, _us(self._now() - seen.at)),
+        ]
+        if self._clock is not None:
+            args.append(_us(self._clock()))
+        try:
+            return await self._script(keys=redis_keys(key, day), args=args)
+        except (RedisError, OSError) as exc:
+            raise LimiterUnavailable(f"Redis limiter unavailable: {type(exc).__name__}") from exc
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else time.monotonic()
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * US)

@@ -1,0 +1,273 @@
+"""The limiter's behaviour, held the same on every backend (memory, Redis).
+
+The clock is moved by hand (Redis is handed the test's clock in place of TIME), so no
+test sleeps through a window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.limiter.base import Day, Limiter, LimitKey, Limits
+from proxy.limiter.memory import MemoryLimiter
+from proxy.limiter.redis import RedisLimiter
+from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
+from tests.support.redis_server import RedisServer
+
+LimiterFactory = Callable[[ManualClock], Limiter]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_limiter(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[LimiterFactory]:
+    """A factory for a limiter of each backend on a given clock."""
+    if request.param == "memory":
+        yield MemoryLimiter
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        yield lambda clock: RedisLimiter(client, clock=clock)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_burst_admits_n_at_once_then_queues_after_the_window(make_limiter) -> None:
+    """N requests go at once; the next waits until the first slot is W + pad old."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(7)]
+    assert waits[:5] == [0, 0, 0, 0, 0]
+    assert waits[5] == pytest.approx(1.1)
+    assert waits[6] == pytest.approx(1.1)
+
+
+async def test_queue_is_fifo_window_after_window(make_limiter) -> None:
+    """3N requests at one instant are spread over three windows, N per window, in order."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(15)]
+    assert waits == sorted(waits)
+    assert waits == pytest.approx([0] * 5 + [1.1] * 5 + [2.2] * 5)
+
+
+async def test_refusal_records_nothing_and_says_when_to_retry(make_limiter) -> None:
+    """Over max_wait: refused with retry_after, and the refusal takes no slot."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    for _ in range(5):
+        assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
+    clock.advance(0.4)
+    refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
+    assert not refused.admitted
+    assert refused.limited_by == "burst"
+    assert refused.retry_after_s == pytest.approx(0.7)
+    assert refused.burst_remaining == 0
+    again = await limiter.acquire(KEY, SMALL, TODAY, 0.7001)
+    assert again.admitted and again.wait_s == pytest.approx(0.7)
+
+
+async def test_remaining_counts_down_and_frees_after_the_window(make_limiter) -> None:
+    """burst_remaining falls with each admission and is whole again after W + pad."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    remaining = [(await limiter.acquire(KEY, SMALL, TODAY, 0)).burst_remaining for _ in range(5)]
+    assert remaining == [4, 3, 2, 1, 0]
+    clock.advance(1.1001)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).burst_remaining == 4
+
+
+async def test_daily_limit_refuses_until_the_day_ends(make_limiter) -> None:
+    """At the daily limit requests are refused with retry_after = time to the reset."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    limits = replace(SMALL, burst=100, daily=3)
+    daily = [(await limiter.acquire(KEY, limits, TODAY, 0)).daily_remaining for _ in range(3)]
+    assert daily == [2, 1, 0]
+    refused = await limiter.acquire(KEY, limits, TODAY, 30)
+    assert (refused.admitted, refused.limited_by) == (False, "daily")
+    assert refused.retry_after_s == pytest.approx(TODAY.ends_in_s)
+    tomorrow = Day(id="2027-01-16", ends_in_s=86400)
+    assert (await limiter.acquire(KEY, limits, tomorrow, 0)).admitted
+
+
+async def test_keys_are_independent(make_limiter) -> None:
+    """One resource's full window does not hold back another's."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    other = LimitKey(KEY.app, "company", "co1")
+    for _ in range(5):
+        await limiter.acquire(KEY, SMALL, TODAY, 0)
+    assert not (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
+    assert (await limiter.acquire(other, SMALL, TODAY, 0)).wait_s == 0
+
+
+async def test_upstream_remaining_lower_than_ours_holds_the_window(make_limiter) -> None:
+    """The upstream saying 1 remains (traffic we did not send) leaves us 1 until W passes."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.acquire(KEY, SMALL, TODAY, 0)
+    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=1, daily_remaining=None)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
+    refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
+    assert not refused.admitted
+    assert refused.retry_after_s == pytest.approx(1.1)
+
+
+async def test_upstream_remaining_higher_than_ours_changes_nothing(make_limiter) -> None:
+    """The proxy only ever believes the upstream when it is the stricter of the two."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    for _ in range(4):
+        await limiter.acquire(KEY, SMALL, TODAY, 0)
+    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=5, daily_remaining=999)
+    decision = await limiter.acquire(KEY, SMALL, TODAY, 0)
+    assert decision.burst_remaining == 0 and decision.daily_remaining == 995
+
+
+async def test_upstream_429_pauses_the_key_for_a_window(make_limiter) -> None:
+    """After an upstream 429 (remaining 0) no slot comes before now + W + pad."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=0, daily_remaining=None)
+    decision = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert decision.wait_s == pytest.approx(1.1)
+
+
+async def test_upstream_daily_remaining_lowers_the_count(make_limiter) -> None:
+    """X-RateLimit-Daily-Remaining lower than ours is taken as today's count."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=None, daily_remaining=2)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == 1
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == 0
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).limited_by == "daily"
+
+
+async def test_shadow_never_holds_or_refuses_but_says_what_it_would_do(make_limiter) -> None:
+    """Shadow mode admits at once and reports the limit it would have applied."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    decisions = [await limiter.acquire(KEY, SMALL, TODAY, 0, shadow=True) for _ in range(7)]
+    assert all(d.admitted for d in decisions)
+    assert [d.limited_by for d in decisions] == [""] * 5 + ["burst"] * 2
+    clock.advance(1.1001)
+    # What shadow recorded is what was really sent: 7 requests at one instant.
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
+
+
+def reference_admissions(
+    arrivals_ms: list[int], burst: int, window_ms: int, pad_ms: int, max_wait_ms: float
+) -> list[float | None]:
+    """The plain model: every send time kept; a slot is W + pad after the N-th last one."""
+    sent: list[int] = []
+    result: list[float | None] = []
+    for arrival in arrivals_ms:
+        slot = arrival if len(sent) < burst else max(arrival, sent[-burst] + window_ms + pad_ms)
+        if slot - arrival > max_wait_ms:
+            result.append(None)
+        else:
+            sent.append(slot)
+            result.append(slot)
+    return result
+
+
+def max_in_any_window(slots: list[int], window_ms: int) -> int:
+    ordered = sorted(slots)
+    return max(
+        (sum(1 for other in ordered if start <= other < start + window_ms) for start in ordered),
+        default=0,
+    )
+
+
+@pytest.fixture
+def event_loop_for_hypothesis() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+_example_ids = itertools.count()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=60),
+    burst=st.integers(min_value=1, max_value=6),
+    window_ms=st.integers(min_value=50, max_value=1000),
+    pad_ms=st.integers(min_value=0, max_value=50),
+    max_wait_ms=st.integers(min_value=0, max_value=3000),
+)
+def test_backends_match_the_reference_model(
+    backend,
+    tmp_path_factory,
+    event_loop_for_hypothesis,
+    gaps,
+    burst,
+    window_ms,
+    pad_ms,
+    max_wait_ms,
+) -> None:
+    """For random arrivals every backend admits exactly what the model admits, at the same
+    slots, and no window of W ever holds more than N admissions."""
+    arrivals = list(itertools.accumulate(gaps))
+    expected = reference_admissions(arrivals, burst, window_ms, pad_ms, max_wait_ms + 0.5)
+    limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=pad_ms / 1000, daily=10**9)
+    got = event_loop_for_hypothesis.run_until_complete(
+        _replay(backend, tmp_path_factory, arrivals, limits, (max_wait_ms + 0.5) / 1000)
+    )
+    # Slots are whole milliseconds; rounding removes float noise from the backends' seconds.
+    slots = [None if g is None else round(g) for g in got]
+    assert slots == expected
+    admitted = [slot for slot in slots if slot is not None]
+    assert max_in_any_window(admitted, window_ms) <= burst
+
+
+_redis_for_property: dict[str, RedisServer] = {}
+
+
+async def _replay(
+    backend: str, tmp_path_factory, arrivals: list[int], limits: Limits, max_wait_s: float
+) -> list[float | None]:
+    clock = ManualClock()
+    key = LimitKey("app", "location", f"example-{next(_example_ids)}")
+    client = None
+    if backend == "memory":
+        limiter: Limiter = MemoryLimiter(clock)
+    else:
+        server = _redis_for_property.get("server")
+        if server is None:
+            server = RedisServer(tmp_path_factory.mktemp("redis-property")).start()
+            _redis_for_property["server"] = server
+        client = aioredis.Redis.from_url(server.url)
+        limiter = RedisLimiter(client, clock=clock)
+    start = clock.now
+    slots: list[float | None] = []
+    try:
+        for arrival in arrivals:
+            clock.now = start + arrival / 1000
+            decision = await limiter.acquire(key, limits, TODAY, max_wait_s)
+            slots.append((arrival + decision.wait_s * 1000) if decision.admitted else None)
+    finally:
+        if client is not None:
+            await client.aclose()
+    return slots
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_property_redis() -> Iterator[None]:
+    yield
+    server = _redis_for_property.pop("server", None)
+    if server is not None:
+        server.stop()

@@ -1,0 +1,1 @@
+"""Test support: real processes (redis-server, proxy, simulator) started on free ports."""
