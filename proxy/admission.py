@@ -1,0 +1,143 @@
+"""Admission: hold a request until its slot, or refuse it, before it goes upstream.
+
+The limiter decides; this module applies the config to it (the numbers, the queue mode,
+shadow mode, the caller's `X-HoopAI-Max-Wait-Ms`), sleeps the wait, turns a refusal into
+a 429 with the upstream's headers, and hands the upstream's counts back to the limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from multidict import CIMultiDictProxy
+
+from proxy.config import LimitsConfig, QueueConfig
+from proxy.errors import BadRequest, RateLimited
+from proxy.headers import (
+    UPSTREAM_BURST_REMAINING,
+    UPSTREAM_DAILY_REMAINING,
+    Headers,
+    rate_limit_fields,
+    rate_limit_policy,
+    upstream_remaining,
+    upstream_style_headers,
+)
+from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits
+from proxy.limiter.days import day_at
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_HEADER = "X-HoopAI-Max-Wait-Ms"
+
+
+def limits_from(config: LimitsConfig) -> Limits:
+    return Limits(
+        burst=config.burst.requests,
+        window_s=config.burst.interval_ms / 1000,
+        pad_s=config.burst.pad_ms / 1000,
+        daily=config.daily.requests,
+    )
+
+
+class Admission:
+    """The limiter applied to one proxy's config."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        limits: LimitsConfig,
+        queue: QueueConfig,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.limiter = limiter
+        self.limits = limits_from(limits)
+        self.shadow = limits.mode == "shadow"
+        self._zone = limits.daily.zone
+        self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
+        self._wall_clock = wall_clock
+        self.policy = rate_limit_policy(self.limits)
+
+    def today(self) -> Day:
+        return day_at(self._wall_clock(), self._zone)
+
+    def max_wait_for(self, headers: CIMultiDictProxy[str]) -> float:
+        """The longest this request may be held: config's, lowered by the caller's header."""
+        asked = headers.get(MAX_WAIT_HEADER)
+        if asked is None:
+            return self._max_wait_s
+        if not asked.strip().isdigit():
+            raise BadRequest(
+                f"{MAX_WAIT_HEADER} must be a whole number of milliseconds (0 = never wait), "
+                f"got {asked[:40]!r}"
+            )
+        return min(self._max_wait_s, int(asked) / 1000)
+
+    async def admit(self, key: LimitKey, max_wait_s: float) -> Decision:
+        """Wait for `key`'s next slot and return the decision, or raise RateLimited."""
+        decision = await self.limiter.acquire(
+            key, self.limits, self.today(), max_wait_s, shadow=self.shadow
+        )
+        if not decision.admitted:
+            raise RateLimited(
+                self._refusal_message(key, decision, max_wait_s),
+                headers=self.refusal_headers(decision),
+            )
+        if self.shadow:
+            if decision.limited_by:
+                log.info(
+                    "shadow: would have %s %s (%s limit)",
+                    "queued" if decision.wait_s <= max_wait_s else "refused",
+                    key.tag,
+                    decision.limited_by,
+                )
+            return decision
+        if decision.wait_s > 0:
+            # Cancelled here if the caller goes away: the task ends, nothing is sent.
+            await asyncio.sleep(decision.wait_s)
+        return decision
+
+    async def observe(self, key: LimitKey, status: int, headers: Headers) -> None:
+        """Tell the limiter what the upstream's answer says of the key's limits."""
+        burst = upstream_remaining(headers, UPSTREAM_BURST_REMAINING)
+        daily = upstream_remaining(headers, UPSTREAM_DAILY_REMAINING)
+        if status == 429:
+            # Not processed upstream: the whole window is taken, for every replica, now.
+            await self.limiter.observe(key, self.limits, self.today(), 0, daily, urgent=True)
+        elif burst is not None or daily is not None:
+            await self.limiter.observe(key, self.limits, self.today(), burst, daily)
+
+    def answer_headers(self, decision: Decision, queued_s: float) -> Mapping[str, str]:
+        """Headers added to every forwarded answer: the proxy's view and the time held."""
+        return {
+            "X-HoopAI-Queue-Ms": str(round(queued_s * 1000)),
+            "RateLimit-Policy": self.policy,
+            "RateLimit": rate_limit_fields(decision),
+        }
+
+    def refusal_headers(self, decision: Decision) -> dict[str, str]:
+        return {
+            "Retry-After": str(max(1, math.ceil(decision.retry_after_s))),
+            **upstream_style_headers(self.limits, decision),
+            "RateLimit-Policy": self.policy,
+            "RateLimit": rate_limit_fields(decision),
+        }
+
+    def _refusal_message(self, key: LimitKey, decision: Decision, max_wait_s: float) -> str:
+        resource = f"{key.kind} {key.id}"
+        if decision.limited_by == "daily":
+            return (
+                f"Daily limit of {self.limits.daily} requests reached for {resource}; "
+                f"it resets in {math.ceil(decision.retry_after_s)} s"
+            )
+        return (
+            f"Rate limit of {self.limits.burst} requests per {self.limits.window_s:g} s "
+            f"reached for {resource}: the next slot is in {decision.retry_after_s:.1f} s, "
+            f"longer than this request may wait ({round(max_wait_s * 1000)} ms). Retry after "
+            f"{max(1, math.ceil(decision.retry_after_s))} s, or allow a longer wait with "
+            f"{MAX_WAIT_HEADER}"
+        )

@@ -1,0 +1,86 @@
+"""Request bodies: held in memory when small enough to replay, streamed when not.
+
+A held body (up to `server.replay_body_bytes`) can be searched for a `locationId` and
+sent again after an upstream 429 or 401. A larger one is sent once, in chunks, so a
+200 MB upload costs a few chunks of memory; `server.max_body_bytes` bounds both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.errors import BodyTooLarge
+
+CHUNK_BYTES = 64 * 1024
+
+
+@dataclass
+class RequestBody:
+    """A caller's request body: `held` whole, or a read `prefix` and the rest to stream."""
+
+    request: web.Request
+    held: bytes | None
+    prefix: bytes
+    max_bytes: int
+    present: bool
+
+    @property
+    def replayable(self) -> bool:
+        return self.held is not None
+
+    def json_candidate(self) -> bytes | None:
+        """The held body if it may be JSON (searched for locationId / companyId)."""
+        if self.held and "json" in self.request.content_type:
+            return self.held
+        return None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        """What to send upstream; call once per send (a streamed body only once)."""
+        if not self.present:
+            return None
+        if self.held is not None:
+            return self.held
+        return self._rest()
+
+    async def _rest(self) -> AsyncIterator[bytes]:
+        sent = len(self.prefix)
+        yield self.prefix
+        async for chunk in self.request.content.iter_chunked(CHUNK_BYTES):
+            sent += len(chunk)
+            if sent > self.max_bytes:
+                raise BodyTooLarge(too_large_message(self.max_bytes))
+            yield chunk
+
+
+def too_large_message(max_bytes: int) -> str:
+    return (
+        f"Request body is larger than the proxy accepts ({max_bytes} bytes); "
+        "send a smaller body or raise server.max_body_bytes"
+    )
+
+
+async def read_body(request: web.Request, *, replay_bytes: int, max_bytes: int) -> RequestBody:
+    """Hold the body if it fits in `replay_bytes`; otherwise keep what was read and stream."""
+    if not request.body_exists:
+        return RequestBody(request, held=b"", prefix=b"", max_bytes=max_bytes, present=False)
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(too_large_message(max_bytes))
+    if declared is not None and declared > replay_bytes:
+        return RequestBody(request, held=None, prefix=b"", max_bytes=max_bytes, present=True)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(too_large_message(max_bytes))
+        if size > replay_bytes:
+            prefix = b"".join(chunks)
+            return RequestBody(request, held=None, prefix=prefix, max_bytes=max_bytes, present=True)
+    return RequestBody(
+        request, held=b"".join(chunks), prefix=b"", max_bytes=max_bytes, present=True
+    )

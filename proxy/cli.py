@@ -1,0 +1,119 @@
+"""The `hoopai-proxy` command: serve, check-config, simulate, demo.
+
+Exit codes: 0 ok, 2 bad config or usage (one line naming the key and the reason),
+1 a failure at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from proxy.app import create_app
+from proxy.config import Config, describe_config, load_config
+from proxy.errors import ConfigError
+from proxy.logs import configure_logging
+from proxy.server import bind_socket, run_forked_workers, serve_until_signalled
+
+CONFIG_ENV = "HOOPAI_PROXY_CONFIG"
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as error:
+        print(f"hoopai-proxy: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hoopai-proxy", description="Rate-limiting reverse proxy for the HoopAI API."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(run=run_serve)
+
+    check = commands.add_parser("check-config", help="validate a config and print it")
+    check.add_argument("config", nargs="?", help=f"config file (default: ${CONFIG_ENV})")
+    check.set_defaults(run=run_check_config)
+
+    simulate = commands.add_parser("simulate", help="run the HoopAI API simulator")
+    _add_simulator_arguments(simulate)
+    simulate.set_defaults(run=run_simulate)
+
+    demo = commands.add_parser("demo", help="simulator + proxy + traffic, on this machine")
+    demo.add_argument("--requests", type=int, default=30, help="requests to send (default 30)")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def config_from(path: str | None, environ: Mapping[str, str]) -> Config:
+    """Load the config named on the command line or by $HOOPAI_PROXY_CONFIG."""
+    chosen = path or environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError("", f"no config file: pass --config FILE or set ${CONFIG_ENV}")
+    return load_config(chosen, environ)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    config = config_from(args.config, os.environ)
+    print(describe_config(config), end="")
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from(args.config, os.environ)
+    configure_logging(args.log_level)
+    sock = bind_socket(config.server.host, config.server.port)
+    # Queued requests may wait max_wait_ms and then take up to timeout_s upstream.
+    grace_s = config.queue.max_wait_ms / 1000 + config.upstream.timeout_s
+
+    def serve_one(banner: str | None = "hoopai-proxy") -> None:
+        app = create_app(config)
+        asyncio.run(serve_until_signalled(app, sock, banner=banner, grace_s=grace_s))
+
+    if config.server.workers == 1:
+        serve_one()
+        return EXIT_OK
+
+    def announce() -> None:
+        host, port = sock.getsockname()[:2]
+        workers = config.server.workers
+        print(f"hoopai-proxy ({workers} workers) listening on http://{host}:{port}", flush=True)
+
+    return run_forked_workers(
+        config.server.workers, lambda: serve_one(banner=None), started=announce
+    )
+
+
+def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
+    from proxy.simulator import cli as simulator_cli
+
+    simulator_cli.add_arguments(parser)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from proxy.simulator import cli as simulator_cli
+
+    return simulator_cli.run(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo as demo
+
+    return asyncio.run(demo(requests=args.requests))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The forwarding handler: request -> resolve -> admission -> upstream -> response.
+
+Bodies stream in both directions when they are large, so a 200 MB upload or download
+costs the proxy a few chunks of memory. Transport failures are mapped to the proxy's own
+errors here, at one seam: refused or reset is 502 `upstream_unreachable`, too slow is 504
+`upstream_timeout`. An upstream 429 was not processed, so a held body is sent again once
+the key's pause is over, if that is within the request's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.admission import Admission
+from proxy.body import CHUNK_BYTES, RequestBody, read_body
+from proxy.config import Config
+from proxy.errors import RateLimited, UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import caller_response_headers, upstream_request_headers
+from proxy.limiter.base import Decision
+from proxy.resolve import RequestFacts, Resolver, Target
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_429_REPLAYS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One request as it will be sent upstream (possibly more than once)."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: RequestBody
+
+
+class Forwarder:
+    """Sends a caller's request to `upstream.base_url` and relays the answer."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: Config,
+        resolver: Resolver,
+        admission: Admission,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._resolver = resolver
+        self._admission = admission
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await read_body(
+            request,
+            replay_bytes=self._config.server.replay_body_bytes,
+            max_bytes=self._config.server.max_body_bytes,
+        )
+        target = self._resolver.resolve(
+            RequestFacts(request.path, request.headers, request.query, body.json_candidate())
+        )
+        max_wait_s = self._admission.max_wait_for(request.headers)
+        outgoing = Outgoing(
+            request.method, self.upstream_url(request), self._headers_for(request, target), body
+        )
+        decision = await self._admission.admit(target.key, max_wait_s)
+        return await self._send_and_relay(
+            request, outgoing, target, decision, deadline=started + max_wait_s, started=started
+        )
+
+    def upstream_url(self, request: web.Request) -> URL:
+        """The upstream URL: base URL plus the caller's raw path and query, byte for byte."""
+        # raw_path keeps the caller's percent-encoding; yarl must not re-encode it.
+        return URL(self._config.upstream.base_url + request.raw_path, encoded=True)
+
+    def _headers_for(self, request: web.Request, target: Target) -> CIMultiDict[str]:
+        headers = upstream_request_headers(
+            request.headers, default_version=self._config.upstream.default_version
+        )
+        if target.passthrough_token is None:
+            # A caller key or an SDK's placeholder bearer must never reach the upstream.
+            headers.popall("Authorization", None)
+        return headers
+
+    async def _send_and_relay(
+        self,
+        request: web.Request,
+        outgoing: Outgoing,
+        target: Target,
+        decision: Decision,
+        *,
+        deadline: float,
+        started: float,
+    ) -> web.StreamResponse:
+        for replays_left in range(UPSTREAM_429_REPLAYS, -1, -1):
+            queued_s = time.monotonic() - started
+            async with self._send(outgoing) as answer:
+                await self._admission.observe(target.key, answer.status, answer.headers)
+                extra = self._admission.answer_headers(decision, queued_s)
+                if not self._may_replay(answer, outgoing, replays_left):
+                    return await relay_response(request, answer, extra)
+                refused_body = await answer.read()
+            try:
+                decision = await self._admission.admit(
+                    target.key, max(0.0, deadline - time.monotonic())
+                )
+            except RateLimited:
+                log.info("upstream 429 for %s: no slot before the deadline", target.key.tag)
+                return buffered_response(answer, refused_body, extra)
+            log.info("upstream 429 for %s: sending again after the pause", target.key.tag)
+        raise AssertionError("unreachable: the last attempt always relays")
+
+    def _may_replay(
+        self, answer: aiohttp.ClientResponse, outgoing: Outgoing, replays_left: int
+    ) -> bool:
+        return (
+            answer.status == 429
+            and replays_left > 0
+            and outgoing.body.replayable
+            and not self._admission.shadow
+        )
+
+    @asynccontextmanager
+    async def _send(self, outgoing: Outgoing) -> AsyncIterator[aiohttp.ClientResponse]:
+        method, url = outgoing.method, outgoing.url
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers=outgoing.headers,
+                data=outgoing.body.payload(),
+                allow_redirects=False,
+            ) as answer:
+                yield answer
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"The upstream did not answer {method} {url.path} in time"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(
+                f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
+            ) from exc
+
+
+def buffered_response(
+    answer: aiohttp.ClientResponse, body: bytes, extra: Mapping[str, str]
+) -> web.Response:
+    """An upstream answer already read into memory, relayed as it was."""
+    response = web.Response(status=answer.status, reason=answer.reason, body=body)
+    response.headers.clear()
+    response.headers.extend(caller_response_headers(answer.headers))
+    response.headers.update(extra)
+    return response
+
+
+async def relay_response(
+    request: web.Request, answer: aiohttp.ClientResponse, extra: Mapping[str, str]
+) -> web.StreamResponse:
+    """Stream the upstream's status, headers and body back to the caller."""
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    response.headers.extend(caller_response_headers(answer.headers))
+    response.headers.update(extra)
+    await response.prepare(request)
+    try:
+        async for chunk in answer.content.iter_chunked(CHUNK_BYTES):
+            await response.write(chunk)
+    except ConnectionResetError:
+        # Checked first: aiohttp's write error to a closed caller is also a ClientError.
+        log.info("caller went away during %s %s", request.method, request.path)
+        return response
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        # The status line is already sent: the only honest signal left is to cut the
+        # caller's connection so it sees a truncated body, not a complete one.
+        log.warning(
+            "upstream broke off the body of %s %s: %s",
+            request.method,
+            request.path,
+            type(exc).__name__,
+        )
+        _abort(request)
+        return response
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

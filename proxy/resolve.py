@@ -1,0 +1,250 @@
+"""Who is calling, for which app, and for which resource (Location or Company).
+
+The first rule that gives a resource wins (DESIGN.md, "The request path"):
+`X-HoopAI-Location-Id` / `X-HoopAI-Company-Id`; the caller's own HighLevel token (its JWT
+payload, read without a signature check, names authClass and authClassId); `locationId`
+/ `companyId` in the query; `/locations/{id}` in the path; `locationId` / `companyId` at
+the top of a JSON body; `default_resource`. Nothing here does I/O: the body, if any, was
+read before.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import CIMultiDictProxy, MultiMapping
+
+from proxy.config import AppConfig, CallerConfig, Config
+from proxy.errors import (
+    BadRequest,
+    CallerUnauthenticated,
+    ResourceForbidden,
+    ResourceUnresolved,
+)
+from proxy.limiter.base import LimitKey
+
+LOCATION_HEADER = "X-HoopAI-Location-Id"
+COMPANY_HEADER = "X-HoopAI-Company-Id"
+APP_HEADER = "X-HoopAI-App"
+PROXY_KEY_HEADER = "X-HoopAI-Proxy-Key"
+
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_LOCATIONS_PATH = re.compile(r"^/locations/([^/?]+)")
+_AUTH_CLASSES = {"Location": "location", "Company": "company"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The outcome of resolution: what the request is limited and authorized as."""
+
+    app_id: str
+    app: AppConfig | None  # the configured app; None for a pass-through token of another app
+    kind: str  # "location" | "company"
+    id: str
+    caller: str | None  # the caller's name when caller keys are configured
+    passthrough_token: str | None  # the caller's own HighLevel token, sent upstream as is
+
+    @property
+    def key(self) -> LimitKey:
+        return LimitKey(self.app_id, self.kind, self.id)
+
+    @property
+    def resource(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """The parts of a request that resolution reads."""
+
+    path: str
+    headers: CIMultiDictProxy[str]
+    query: MultiMapping[str]
+    json_body: bytes | None  # a held body, when it may be JSON
+
+
+def bearer_of(headers: CIMultiDictProxy[str]) -> str | None:
+    """The value of `Authorization: Bearer ...`, if any."""
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a JWT-shaped token, unverified; None if it is not one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def is_highlevel_token(token: str, claims: dict[str, Any] | None) -> bool:
+    """A HighLevel access token (JWT with authClass) or a private integration token."""
+    return token.startswith("pit-") or (claims is not None and "authClass" in claims)
+
+
+class Resolver:
+    """Turns a request into a Target, or raises the error that tells the caller what to send."""
+
+    def __init__(self, config: Config) -> None:
+        self._apps = {app.name: app for app in config.apps}
+        self._apps_by_id = {app.app_id: app for app in config.apps}
+        self._callers = {caller.key_sha256: caller for caller in config.callers}
+        self._default = _split_resource(config.default_resource)
+
+    def resolve(self, facts: RequestFacts) -> Target:
+        bearer = bearer_of(facts.headers)
+        claims = jwt_claims(bearer) if bearer else None
+        passthrough = bearer if bearer and is_highlevel_token(bearer, claims) else None
+        caller = self._caller(facts.headers, bearer if passthrough is None else None)
+        app = self._app(facts.headers, claims if passthrough else None)
+        kind, resource_id = self._resource(facts, claims if passthrough else None)
+        _check_id(resource_id, kind)
+        if caller is not None:
+            _check_allowed(caller, kind, resource_id)
+        app_id = app.app_id if app else _app_id_from_claims(claims)
+        return Target(
+            app_id=app_id,
+            app=app,
+            kind=kind,
+            id=resource_id,
+            caller=caller.name if caller else None,
+            passthrough_token=passthrough,
+        )
+
+    def _caller(self, headers: CIMultiDictProxy[str], bearer: str | None) -> CallerConfig | None:
+        if not self._callers:
+            return None
+        for candidate in (headers.get(PROXY_KEY_HEADER), bearer):
+            # Keys are looked up by their SHA-256: the config never holds a key itself.
+            found = self._callers.get(_sha256(candidate)) if candidate else None
+            if found is not None:
+                return found
+        raise CallerUnauthenticated(
+            f"This proxy needs a caller key: send it as {PROXY_KEY_HEADER}: <key> "
+            "(or as Authorization: Bearer <key> when the proxy holds the token)"
+        )
+
+    def _app(
+        self, headers: CIMultiDictProxy[str], claims: dict[str, Any] | None
+    ) -> AppConfig | None:
+        named = headers.get(APP_HEADER)
+        if named is not None:
+            if named not in self._apps:
+                raise BadRequest(
+                    f"{APP_HEADER} names no configured app; send one of: "
+                    + ", ".join(sorted(self._apps))
+                )
+            return self._apps[named]
+        if claims is not None:
+            return self._apps_by_id.get(_app_id_from_claims(claims))
+        if len(self._apps) == 1:
+            return next(iter(self._apps.values()))
+        raise BadRequest(
+            f"Several apps are configured: send {APP_HEADER} with one of: "
+            + ", ".join(sorted(self._apps))
+        )
+
+    def _resource(self, facts: RequestFacts, claims: dict[str, Any] | None) -> tuple[str, str]:
+        for found in (
+            _from_headers(facts.headers),
+            _from_claims(claims),
+            _from_mapping(facts.query),
+            _from_path(facts.path),
+            _from_json(facts.json_body),
+            self._default,
+        ):
+            if found is not None:
+                return found
+        raise ResourceUnresolved(
+            f"Which Location or Company is this request for? Send {LOCATION_HEADER} or "
+            f"{COMPANY_HEADER}, or a locationId/companyId in the query or JSON body, "
+            "or set default_resource in the proxy's config"
+        )
+
+
+def _from_headers(headers: CIMultiDictProxy[str]) -> tuple[str, str] | None:
+    if LOCATION_HEADER in headers:
+        return "location", headers[LOCATION_HEADER]
+    if COMPANY_HEADER in headers:
+        return "company", headers[COMPANY_HEADER]
+    return None
+
+
+def _from_claims(claims: dict[str, Any] | None) -> tuple[str, str] | None:
+    if claims is None:
+        return None
+    kind = _AUTH_CLASSES.get(str(claims.get("authClass")))
+    resource_id = claims.get("authClassId")
+    if kind is None or not isinstance(resource_id, str):
+        return None
+    return kind, resource_id
+
+
+def _from_mapping(values: Any) -> tuple[str, str] | None:
+    for field, kind in (("locationId", "location"), ("companyId", "company")):
+        value = values.get(field)
+        if isinstance(value, str) and value:
+            return kind, value
+    return None
+
+
+def _from_path(path: str) -> tuple[str, str] | None:
+    found = _LOCATIONS_PATH.match(path)
+    if found is None or found.group(1) in ("search", "timezones"):
+        return None
+    return "location", found.group(1)
+
+
+def _from_json(body: bytes | None) -> tuple[str, str] | None:
+    if not body:
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return _from_mapping(document) if isinstance(document, dict) else None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _split_resource(resource: str) -> tuple[str, str] | None:
+    if not resource:
+        return None
+    kind, _, resource_id = resource.partition(":")
+    return kind, resource_id
+
+
+def _app_id_from_claims(claims: dict[str, Any] | None) -> str:
+    if claims is None:
+        return "private-integration"
+    meta = claims.get("oauthMeta")
+    if isinstance(meta, dict) and isinstance(meta.get("client"), str):
+        return str(meta["client"])
+    return str(claims.get("sourceId", "unknown")).split("-", 1)[0]
+
+
+def _check_id(resource_id: str, kind: str) -> None:
+    if not _ID.fullmatch(resource_id):
+        raise BadRequest(f"The {kind} id must be 1 to 128 letters, digits, '.', '_' or '-'")
+
+
+def _check_allowed(caller: CallerConfig, kind: str, resource_id: str) -> None:
+    wanted = f"{kind}:{resource_id}"
+    if any(rule in ("*", f"{kind}:*", wanted) for rule in caller.allow):
+        return
+    raise ResourceForbidden(f"Caller {caller.name!r} may not use {wanted}")

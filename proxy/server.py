@@ -1,0 +1,142 @@
+"""Runs an aiohttp application on a socket: bind, announce, serve, drain on SIGTERM.
+
+Used by `hoopai-proxy serve`, by the demo and by the tests, so the tests start the proxy
+exactly the way production does. Port 0 picks a free port; the bound address is printed
+as one line (`... listening on http://HOST:PORT`) so a parent process can find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.logs import AccessLogger
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A started server: its runner (for cleanup) and where it listens."""
+
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace period), close."""
+        await self.runner.cleanup()
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; `reuse_port` lets several processes share one port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_server(
+    app: web.Application, sock: socket.socket, *, grace_s: float = 30.0, access_log: bool = True
+) -> RunningServer:
+    """Start serving `app` on an already bound socket."""
+    runner = web.AppRunner(
+        app,
+        # Request bodies are forwarded as sent; decompressing them would corrupt them.
+        auto_decompress=False,
+        shutdown_timeout=grace_s,
+        access_log_class=AccessLogger,
+        access_log=AccessLogger.logger if access_log else None,
+        handle_signals=False,
+    )
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    return RunningServer(runner=runner, host=host, port=port)
+
+
+async def serve_until_signalled(
+    app: web.Application, sock: socket.socket, *, banner: str | None, grace_s: float
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and stop."""
+    server = await start_server(app, sock, grace_s=grace_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if banner is not None:
+        print(f"{banner} listening on {server.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run_forked_workers(
+    count: int, serve_one: Callable[[], None], *, started: Callable[[], None]
+) -> int:
+    """Fork `count` worker processes that all serve the socket bound before the fork.
+
+    The children share the parent's listening socket, so the kernel spreads connections
+    over them. SIGTERM or SIGINT to the parent is passed on to every worker, which drains
+    its in-flight requests. If a worker dies on its own, the others are stopped too and
+    the exit status is 1, so a supervisor sees the failure instead of a half-dead pool.
+    """
+    children = [_fork(serve_one) for _ in range(count)]
+    started()
+    stopping = False
+
+    def pass_on(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        _signal_all(children, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    failed = False
+    remaining = set(children)
+    while remaining:
+        pid, status = os.wait()
+        remaining.discard(pid)
+        if not stopping and not failed:
+            failed = True
+            _signal_all(sorted(remaining), signal.SIGTERM)
+        elif os.waitstatus_to_exitcode(status) != 0:
+            failed = True
+    return 1 if failed else 0
+
+
+def _fork(serve_one: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker
+        status = 1
+        try:
+            serve_one()
+            status = 0
+        except Exception:
+            traceback.print_exc()
+        finally:
+            # A worker must never return into the parent's code, whatever happened.
+            os._exit(status)
+    return pid
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
