@@ -32,6 +32,15 @@ from proxy.limiter.days import day_at
 log = logging.getLogger(__name__)
 
 MAX_WAIT_HEADER = "X-HoopAI-Max-Wait-Ms"
+SHADOW_HEADER = "X-HoopAI-Shadow-Decision"
+
+
+def shadow_verdict(decision: Decision) -> str:
+    """What enforce mode would have done, e.g. `queue; wait_ms=1100; limit=burst`."""
+    wait_ms = round(decision.wait_s * 1000)
+    if decision.limited_by:
+        return f"reject; limit={decision.limited_by}; wait_ms={wait_ms}"
+    return f"queue; wait_ms={wait_ms}"
 
 
 def limits_from(config: LimitsConfig) -> Limits:
@@ -88,12 +97,9 @@ class Admission:
                 headers=self.refusal_headers(decision),
             )
         if self.shadow:
-            if decision.limited_by:
+            if decision.limited_by or decision.wait_s > 0:
                 log.info(
-                    "shadow: would have %s %s (%s limit)",
-                    "queued" if decision.wait_s <= max_wait_s else "refused",
-                    key.tag,
-                    decision.limited_by,
+                    "shadow: %s would be held or refused: %s", key.tag, shadow_verdict(decision)
                 )
             return decision
         if decision.wait_s > 0:
@@ -113,11 +119,14 @@ class Admission:
 
     def answer_headers(self, decision: Decision, queued_s: float) -> Mapping[str, str]:
         """Headers added to every forwarded answer: the proxy's view and the time held."""
-        return {
+        headers = {
             "X-HoopAI-Queue-Ms": str(round(queued_s * 1000)),
             "RateLimit-Policy": self.policy,
             "RateLimit": rate_limit_fields(decision),
         }
+        if self.shadow and (decision.limited_by or decision.wait_s > 0):
+            headers[SHADOW_HEADER] = shadow_verdict(decision)
+        return headers
 
     def refusal_headers(self, decision: Decision) -> dict[str, str]:
         return {

@@ -59,6 +59,8 @@ async def start_server(
         app,
         # Request bodies are forwarded as sent; decompressing them would corrupt them.
         auto_decompress=False,
+        # A caller that hangs up while its request waits for a slot ends that task.
+        handler_cancellation=True,
         shutdown_timeout=grace_s,
         access_log_class=AccessLogger,
         access_log=AccessLogger.logger if access_log else None,

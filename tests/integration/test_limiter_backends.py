@@ -271,3 +271,14 @@ def _stop_property_redis() -> Iterator[None]:
     server = _redis_for_property.pop("server", None)
     if server is not None:
         server.stop()
+
+
+async def test_upstream_counts_hold_from_when_they_were_said(make_limiter) -> None:
+    """An upstream count applied with a later decision still holds from when it was said."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=0, daily_remaining=None)
+    clock.advance(0.5)
+    refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
+    assert not refused.admitted
+    assert refused.retry_after_s == pytest.approx(0.6)
