@@ -18,7 +18,9 @@ from multidict import CIMultiDictProxy
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import BadRequest, RateLimited
 from proxy.headers import (
+    UPSTREAM_BURST_MAX,
     UPSTREAM_BURST_REMAINING,
+    UPSTREAM_DAILY_LIMIT,
     UPSTREAM_DAILY_REMAINING,
     Headers,
     rate_limit_fields,
@@ -50,6 +52,21 @@ def limits_from(config: LimitsConfig) -> Limits:
         pad_s=config.burst.pad_ms / 1000,
         daily=config.daily.requests,
     )
+
+
+def _on_our_scale(headers: Headers, remaining: str, limit: str, ours: int) -> int | None:
+    """The upstream's remaining count restated against our own limit.
+
+    What matters is how many the upstream has counted (its limit minus its remaining);
+    our limit may differ from its (a sandbox configured at 25, or a test at 100,000), so
+    that count is taken off ours. None when the answer carries no count.
+    """
+    left = upstream_remaining(headers, remaining)
+    if left is None:
+        return None
+    upstream_limit = upstream_remaining(headers, limit)
+    used = (upstream_limit if upstream_limit is not None else ours) - left
+    return max(0, ours - used)
 
 
 class Admission:
@@ -109,8 +126,12 @@ class Admission:
 
     async def observe(self, key: LimitKey, status: int, headers: Headers) -> None:
         """Tell the limiter what the upstream's answer says of the key's limits."""
-        burst = upstream_remaining(headers, UPSTREAM_BURST_REMAINING)
-        daily = upstream_remaining(headers, UPSTREAM_DAILY_REMAINING)
+        burst = _on_our_scale(
+            headers, UPSTREAM_BURST_REMAINING, UPSTREAM_BURST_MAX, self.limits.burst
+        )
+        daily = _on_our_scale(
+            headers, UPSTREAM_DAILY_REMAINING, UPSTREAM_DAILY_LIMIT, self.limits.daily
+        )
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.
             await self.limiter.observe(key, self.limits, self.today(), 0, daily, urgent=True)

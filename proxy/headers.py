@@ -78,7 +78,9 @@ def caller_response_headers(upstream: Headers) -> CIMultiDict[str]:
 # (draft-ietf-httpapi-ratelimit-headers) for the proxy's own view.
 
 UPSTREAM_BURST_REMAINING = "X-RateLimit-Remaining"
+UPSTREAM_BURST_MAX = "X-RateLimit-Max"
 UPSTREAM_DAILY_REMAINING = "X-RateLimit-Daily-Remaining"
+UPSTREAM_DAILY_LIMIT = "X-RateLimit-Limit-Daily"
 
 
 def rate_limit_policy(limits: Limits) -> str:
@@ -100,10 +102,10 @@ def rate_limit_fields(decision: Decision) -> str:
 def upstream_style_headers(limits: Limits, decision: Decision) -> dict[str, str]:
     """The five X-RateLimit-* headers as the upstream writes them, from the proxy's state."""
     return {
-        "X-RateLimit-Limit-Daily": str(limits.daily),
+        UPSTREAM_DAILY_LIMIT: str(limits.daily),
         UPSTREAM_DAILY_REMAINING: str(decision.daily_remaining),
         "X-RateLimit-Interval-Milliseconds": str(round(limits.window_s * 1000)),
-        "X-RateLimit-Max": str(limits.burst),
+        UPSTREAM_BURST_MAX: str(limits.burst),
         UPSTREAM_BURST_REMAINING: str(decision.burst_remaining),
     }
 

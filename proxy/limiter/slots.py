@@ -116,9 +116,11 @@ def observe(
     """
     if burst_remaining is not None:
         sent = sum(1 for slot in state.slots if now - limits.window_s < slot <= now)
-        unknown = (limits.burst - max(0, burst_remaining)) - sent
-        for _ in range(max(0, unknown)):
-            record(state, limits, now)
+        unknown = min(limits.burst, (limits.burst - max(0, burst_remaining)) - sent)
+        if unknown > 0:
+            state.slots.extend([now] * unknown)
+            state.slots.sort()
+            del state.slots[: -limits.burst]
     if daily_remaining is not None:
         state.roll_day(day)
         state.day_count = max(state.day_count, limits.daily - max(0, daily_remaining))

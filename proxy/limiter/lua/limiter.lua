@@ -51,7 +51,7 @@ local function observe(at)
       local slot = tonumber(slots[i])
       if slot > at - window and slot <= at then sent = sent + 1 end
     end
-    local unknown = (burst - seen_burst) - sent
+    local unknown = math.min(burst, (burst - seen_burst) - sent)
     if unknown > 0 then
       for _ = 1, unknown do table.insert(slots, at) end
       store(slots)
