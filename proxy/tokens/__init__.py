@@ -1,0 +1,1 @@
+"""OAuth tokens: storage, the token endpoint client, fresh tokens, install and webhooks."""

@@ -1,0 +1,218 @@
+"""The shared token store: one Redis hash per record, locks and claims as expiring keys.
+
+Keys:
+
+    hoopai:token:{app:kind:id}   hash: the record (compare-and-set and replace are scripts)
+    hoopai:lock:{name}           string: the owner of a lock (SET NX PX)
+    hoopai:claim:{name}          string: a once-only claim (SET NX PX)
+    hoopai:tokens                set: the tags `app:kind:id` of every record, for list()
+
+A record's hash is tagged `{app:kind:id}`, as the limiter tags that resource's keys. No
+script touches two keys, so on a Redis Cluster records spread over every slot; the index
+set sits in a slot of its own, cannot be updated inside a record's script, and is kept by
+separate commands instead. A write that may create a record adds its tag before the
+script (a writer that dies right after writing still leaves the record listed), and every
+successful write adds it again after (so a delete racing a re-create cannot unlist a live
+record); removing a tag re-checks the record and puts the tag back if the record exists.
+So the index lists every live record, plus at worst a few tags whose record is gone,
+which list() skips and prunes.
+
+Redis errors are translated here, at one boundary, into `TokenStoreUnavailable`; nothing
+above this module sees a redis-py type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.errors import TokenStoreUnavailable
+from proxy.tokens.store import TokenRecord
+
+logger = logging.getLogger(__name__)
+
+INDEX_KEY = "hoopai:tokens"
+LIST_BATCH = 200  # records read per pipeline round trip in list()
+
+
+def record_key(tag: str) -> str:
+    """The hash of the record whose tag is `app:kind:id`."""
+    return f"hoopai:token:{{{tag}}}"
+
+
+def lock_key(name: str) -> str:
+    return f"hoopai:lock:{{{name}}}"
+
+
+def claim_key(name: str) -> str:
+    return f"hoopai:claim:{{{name}}}"
+
+
+class RedisTokenStore:
+    """Token records in Redis (or Redis Cluster), shared by every replica using it."""
+
+    def __init__(self, client: Redis | RedisCluster) -> None:
+        self._client = client
+        self._cas = self._script(client, "compare_and_set.lua")
+        self._replace = self._script(client, "replace.lua")
+        self._release = self._script(client, "release_lock.lua")
+
+    @staticmethod
+    def _script(client: Redis | RedisCluster, name: str) -> AsyncScript:
+        source = resources.files("proxy.tokens").joinpath("lua", name).read_text()
+        return client.register_script(source)
+
+    async def get(self, app: str, kind: str, id: str) -> TokenRecord | None:
+        with _translated():
+            stored = await self._client.hgetall(record_key(f"{app}:{kind}:{id}"))
+        return _decode(stored) if stored else None
+
+    async def compare_and_set(self, record: TokenRecord) -> bool:
+        with _translated():
+            if record.version == 1:
+                await self._index(record.tag)
+            stored = await self._cas(
+                keys=[record_key(record.tag)], args=[record.version, *_encode(record)]
+            )
+            if stored:
+                await self._index(record.tag)
+        return bool(stored)
+
+    async def replace(self, record: TokenRecord) -> TokenRecord:
+        with _translated():
+            await self._index(record.tag)
+            version = await self._replace(keys=[record_key(record.tag)], args=_encode(record))
+            await self._index(record.tag)
+        return replace(record, version=int(version))
+
+    async def delete(self, app: str, kind: str, id: str) -> bool:
+        tag = f"{app}:{kind}:{id}"
+        with _translated():
+            removed = await self._client.delete(record_key(tag))
+            await self._unindex(tag)
+        return bool(removed)
+
+    async def list(self) -> list[TokenRecord]:
+        with _translated():
+            tags = sorted(_text(member) for member in await self._client.smembers(INDEX_KEY))
+            records: list[TokenRecord] = []
+            for start in range(0, len(tags), LIST_BATCH):
+                records += await self._read_batch(tags[start : start + LIST_BATCH])
+        return records
+
+    async def acquire_lock(self, name: str, ttl_s: float) -> str | None:
+        owner = secrets.token_hex(16)
+        with _translated():
+            taken = await self._client.set(lock_key(name), owner, nx=True, px=_ms(ttl_s))
+        return owner if taken else None
+
+    async def release_lock(self, name: str, owner: str) -> bool:
+        with _translated():
+            released = await self._release(keys=[lock_key(name)], args=[owner])
+        return bool(released)
+
+    async def claim_once(self, name: str, ttl_s: float) -> bool:
+        with _translated():
+            claimed = await self._client.set(claim_key(name), "1", nx=True, px=_ms(ttl_s))
+        return bool(claimed)
+
+    async def close(self) -> None:
+        """The client belongs to whoever created it (the app's cleanup context)."""
+
+    async def _read_batch(self, tags: Sequence[str]) -> Sequence[TokenRecord]:
+        # Not a transaction: on a cluster the records live in many slots, and a pipeline
+        # without MULTI may span them; a record deleted meanwhile simply reads as empty.
+        pipe = self._client.pipeline(transaction=False)
+        for tag in tags:
+            pipe.hgetall(record_key(tag))
+        found: list[TokenRecord] = []
+        for tag, stored in zip(tags, await pipe.execute(), strict=True):
+            if stored:
+                found.append(_decode(stored))
+            else:
+                await self._unindex(tag)
+        return found
+
+    async def _index(self, tag: str) -> None:
+        await self._client.sadd(INDEX_KEY, tag)
+
+    async def _unindex(self, tag: str) -> None:
+        await self._client.srem(INDEX_KEY, tag)
+        # A writer may have re-created the record after our check and indexed it before
+        # our SREM: put the tag back so a live record is never unlisted.
+        if await self._client.exists(record_key(tag)):
+            await self._index(tag)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Turn a Redis or socket error into `TokenStoreUnavailable` (503)."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        logger.warning("Redis token store error: %s: %s", type(exc).__name__, exc)
+        raise TokenStoreUnavailable(f"Redis token store unavailable: {type(exc).__name__}") from exc
+
+
+def _encode(record: TokenRecord) -> list[str]:
+    """`field, value, ...` for every field but the version (the scripts own it)."""
+    values = {
+        "app": record.app,
+        "kind": record.kind,
+        "id": record.id,
+        "access_token": record.access_token,
+        "refresh_token": record.refresh_token,
+        # repr is the shortest text that reads back as the very same float.
+        "expires_at": repr(record.expires_at),
+        "refreshed_at": repr(record.refreshed_at),
+        "scope": record.scope,
+        "user_type": record.user_type,
+        "company_id": record.company_id,
+        "location_id": record.location_id,
+        "user_id": record.user_id,
+        "approved_locations": json.dumps(list(record.approved_locations)),
+        "status": record.status,
+    }
+    return [item for pair in values.items() for item in pair]
+
+
+def _decode(stored: Mapping[Any, Any]) -> TokenRecord:
+    fields = {_text(name): _text(value) for name, value in stored.items()}
+    return TokenRecord(
+        app=fields["app"],
+        kind=fields["kind"],
+        id=fields["id"],
+        access_token=fields["access_token"],
+        refresh_token=fields["refresh_token"],
+        expires_at=float(fields["expires_at"]),
+        refreshed_at=float(fields["refreshed_at"]),
+        scope=fields["scope"],
+        user_type=fields["user_type"],
+        company_id=fields["company_id"],
+        location_id=fields["location_id"],
+        user_id=fields["user_id"],
+        approved_locations=tuple(json.loads(fields["approved_locations"])),
+        version=int(fields["version"]),
+        status=fields["status"],
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ms(ttl_s: float) -> int:
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s!r}")
+    return max(1, math.ceil(ttl_s * 1000))
