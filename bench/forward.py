@@ -31,6 +31,7 @@ from tests.support.processes import (  # noqa: E402
     write_config,
 )
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.tokens import bearer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Forwarding: direct, memory limiter, Redis limiter"
@@ -79,8 +80,7 @@ def start_proxy(workdir: Path, name: str, upstream: str, **store: str) -> Servic
         "upstream": {"base_url": upstream},
         "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
         "limits": UNLIMITED,
-        "store": store,
-        "default_resource": "location:benchLocation",
+        "store": {"sqlite_path": str(workdir / f"{name}-tokens.db"), **store},
     })  # fmt: skip
     return proxy_process(config, workdir / f"{name}.log").start()
 
@@ -107,7 +107,10 @@ async def main(duration_s: float, concurrency: int) -> None:
         memory = start_proxy(workdir, "memory", simulator.url)
         shared = start_proxy(workdir, "redis", simulator.url, redis_url=redis.url)
         body = b"x" * 1024
-        load = {"concurrency": concurrency, "duration_s": duration_s, "body": body}
+        # The caller's own token (pass-through) names the location the limiter keys on.
+        caller = bearer("benchLocation")
+        load = {"concurrency": concurrency, "duration_s": duration_s, "body": body,
+                "headers": caller}  # fmt: skip
         try:
             results = [
                 await run_load("direct to simulator", f"{simulator.url}/_sim/echo/b", **load),

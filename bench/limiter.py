@@ -35,6 +35,7 @@ from proxy.limiter.memory import MemoryLimiter  # noqa: E402
 from proxy.limiter.redis import RedisLimiter  # noqa: E402
 from tests.support.processes import proxy_process, simulator_process, write_config  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.tokens import bearer  # noqa: E402
 
 SECTION = "## Limiter at scale"
 REAL = Limits(burst=100, window_s=10.0, pad_s=0.1, daily=200_000)
@@ -82,7 +83,7 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
         "upstream": {"base_url": simulator.url},
         "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
         "queue": {"max_wait_ms": 3_600_000},
-        "default_resource": "location:queueBench",
+        "store": {"sqlite_path": str(workdir / "queue-tokens.db")},
     })  # fmt: skip
     proxy = proxy_process(config, workdir / "queue.log").start()
     assert proxy.process is not None
@@ -91,7 +92,7 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
     connector = aiohttp.TCPConnector(limit=0)
     started = time.perf_counter()
     try:
-        async with aiohttp.ClientSession(connector=connector) as http:
+        async with aiohttp.ClientSession(connector=connector, headers=bearer("queueBench")) as http:
             tasks = [asyncio.create_task(http.get(f"{proxy.url}/_sim/echo/q?i={i}"))
                      for i in range(COUNT)]  # fmt: skip
             # Polling another process: there is no event to wait on.

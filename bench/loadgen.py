@@ -30,13 +30,19 @@ class LoadResult:
 
 
 async def run_load(
-    label: str, url: str, *, concurrency: int, duration_s: float, body: bytes = b""
+    label: str,
+    url: str,
+    *,
+    concurrency: int,
+    duration_s: float,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Drive `url` (POST when `body`, else GET) for `duration_s` seconds."""
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as http:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         started = time.monotonic()
         deadline = started + duration_s
 

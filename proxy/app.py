@@ -1,13 +1,18 @@
 """Wires the proxy together: `create_app(config)` returns the aiohttp application.
 
 Every resource the app holds (the pooled upstream ClientSession, the Redis client, the
-limiter) is opened and closed in a cleanup context and reached through a typed `AppKey`,
-so tests can run many apps side by side. Backends are chosen here from the config: no
-Redis means the in-process limiter; with Redis, the shared one with its fallback.
+limiter, the token store and manager, the keep-alive task) is opened and closed in a
+cleanup context and reached through a typed `AppKey`, so tests can run many apps side by
+side. Backends are chosen here from the config: no Redis means the in-process limiter and
+the SQLite token store; with Redis, the shared limiter (with its fallback) and the Redis
+token store.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -25,26 +30,48 @@ from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.redis_client import open_redis
 from proxy.resolve import Resolver
+from proxy.tokens.deliveries import WebhookReceiver
+from proxy.tokens.install import InstallFlow
+from proxy.tokens.keepalive import KeepAlive
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.oauth import OAuthClient
+from proxy.tokens.store import TokenStore
+from proxy.tokens.stores import open_token_store
+from proxy.tokens.webhooks import WebhookKeys
 
 CONFIG = web.AppKey("config", Config)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 RedisClient = Redis | RedisCluster
 REDIS: web.AppKey[RedisClient | None] = web.AppKey("redis")
 LIMITER = web.AppKey("limiter", Limiter)
+TOKEN_STORE = web.AppKey("token_store", TokenStore)
+TOKENS = web.AppKey("tokens", TokenManager)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+INSTALL = web.AppKey("install", InstallFlow)
+WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the proxy application for `config`."""
+def create_app(
+    config: Config, *, clock: Callable[[], float] = time.time, keepalive: bool = True
+) -> web.Application:
+    """Build the proxy application for `config`.
+
+    `clock` (wall time) drives token expiry and the limit day; tests move it. With
+    `keepalive` False no background refresh task runs (tests drive it by hand).
+    """
     app = web.Application(middlewares=[answer_errors_as_json])
     app[CONFIG] = config
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_limiter)
-    app.cleanup_ctx.append(_forwarder)
+    app.cleanup_ctx.append(_token_store)
+    app.cleanup_ctx.append(_upstream(clock, keepalive))
     app.router.add_get("/_proxy/healthz", healthz)
     app.router.add_get("/_proxy/readyz", readyz)
+    app.router.add_get("/_proxy/oauth/start", oauth_start)
+    app.router.add_get("/_proxy/oauth/callback", oauth_callback)
+    app.router.add_post("/_proxy/webhooks/{app}", webhook)
     app.router.add_route("*", "/_proxy/{tail:.*}", unknown_proxy_path)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
@@ -75,6 +102,10 @@ def upstream_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     store = app[CONFIG].store
     client = open_redis(store) if store.redis_url else None
+    if isinstance(client, RedisCluster):
+        # An async cluster client must learn the slots before concurrent first commands
+        # (redis-py #3032); a dead cluster here is a startup failure worth seeing.
+        await client.initialize()
     app[REDIS] = client
     yield
     if client is not None:
@@ -96,13 +127,47 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     await limiter.close()
 
 
-async def _forwarder(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    admission = Admission(app[LIMITER], config.limits, config.queue)
-    async with upstream_session(config.upstream) as session:
-        app[HTTP_SESSION] = session
-        app[FORWARDER] = Forwarder(session, config, Resolver(config), admission)
-        yield
+async def _token_store(app: web.Application) -> AsyncIterator[None]:
+    store = await open_token_store(app[CONFIG].store, app[REDIS])
+    app[TOKEN_STORE] = store
+    yield
+    await store.close()
+
+
+def _upstream(
+    clock: Callable[[], float], keepalive: bool
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The upstream session and everything that uses it: tokens, install, forwarding."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        apps_by_id = {app_config.app_id: app_config for app_config in config.apps}
+        async with upstream_session(config.upstream) as session:
+            oauth = OAuthClient(session, config.upstream.base_url, clock=clock)
+            tokens = TokenManager(app[TOKEN_STORE], oauth, config.tokens, clock=clock)
+            admission = Admission(app[LIMITER], config.limits, config.queue, wall_clock=clock)
+            app[HTTP_SESSION] = session
+            app[TOKENS] = tokens
+            apps_by_name = {app_config.name: app_config for app_config in config.apps}
+            app[INSTALL] = InstallFlow(apps_by_name, config.tokens, oauth, tokens)
+            keys = WebhookKeys.from_pem(
+                config.webhooks.ed25519_public_key, config.webhooks.rsa_public_key
+            )
+            app[WEBHOOKS] = WebhookReceiver(
+                apps_by_name, keys, config.webhooks, tokens, clock=clock
+            )
+            app[FORWARDER] = Forwarder(session, config, Resolver(config), admission, tokens)
+            task = None
+            if keepalive:
+                refresher = KeepAlive(tokens, apps_by_id, config.tokens, clock=clock)
+                task = asyncio.create_task(refresher.run_forever())
+            yield
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    return context
 
 
 @web.middleware
@@ -152,6 +217,18 @@ async def unknown_proxy_path(request: web.Request) -> web.Response:
         f"No proxy endpoint at {request.path}; /_proxy/ paths are the proxy's own "
         "(try /_proxy/healthz), every other path is forwarded upstream"
     )
+
+
+async def oauth_start(request: web.Request) -> web.Response:
+    return await request.app[INSTALL].start(request)
+
+
+async def oauth_callback(request: web.Request) -> web.Response:
+    return await request.app[INSTALL].callback(request)
+
+
+async def webhook(request: web.Request) -> web.Response:
+    return await request.app[WEBHOOKS].handle(request)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:

@@ -220,6 +220,8 @@ class AppConfig:
     redirect_uri: str = field(
         default="http://localhost:8080/_proxy/oauth/callback", metadata=_rule(_redirect_uri)
     )
+    # Space-separated scopes asked for on the authorization page (/_proxy/oauth/start).
+    scopes: str = field(default="", metadata=_rule(_text))
 
     @property
     def app_id(self) -> str:
@@ -276,6 +278,29 @@ class CallerConfig:
     allow: tuple[str, ...] = field(metadata=_rule(_non_empty_list, item=_ALLOW))
 
 
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    # Refresh an access token when less than this remains (HoopAI tokens last a day).
+    refresh_skew_s: float = field(default=300.0, metadata=_rule(_seconds))
+    # Must outlive the slowest refresh, or a second replica could spend the same token.
+    refresh_lock_ttl_s: float = field(default=90.0, metadata=_rule(_seconds))
+    # Refresh tokens die after a year unused; refresh any older than this.
+    refresh_token_max_age_days: int = field(default=300, metadata=_rule(_POSITIVE))
+    keepalive_interval_s: float = field(default=60.0, metadata=_rule(_seconds))
+    authorize_url: str = field(
+        default="https://marketplace.gohighlevel.com/oauth/chooselocation",
+        metadata=_rule(_redirect_uri),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    # PEM public keys HighLevel signs deliveries with (x-ghl-signature, x-wh-signature).
+    ed25519_public_key: str = field(default="", metadata=_rule(_text))
+    rsa_public_key: str = field(default="", metadata=_rule(_text))
+    max_age_s: float = field(default=300.0, metadata=_rule(_seconds))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -287,6 +312,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     callers: tuple[CallerConfig, ...] = ()
     default_resource: str = field(default="", metadata=_rule(_RESOURCE))
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -349,6 +376,8 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _unique(config.callers, "callers", "name")
     _unique(config.callers, "callers", "key_sha256", secret=True)
     _check_admin_token(config.admin)
+    _check_lock_outlives_refresh(config)
+    _check_webhook_keys(config.webhooks)
     return config
 
 
@@ -462,6 +491,26 @@ def _check_admin_token(admin: AdminConfig) -> None:
         pass
     reason = f"is required when admin.host ({_show(admin.host)}) is not a loopback address"
     raise ConfigError("admin.token", reason)
+
+
+def _check_webhook_keys(webhooks: WebhooksConfig) -> None:
+    from proxy.tokens.webhooks import WebhookKeyError, WebhookKeys
+
+    try:
+        WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
+    except WebhookKeyError as exc:
+        raise ConfigError(f"webhooks.{exc.which}_public_key", exc.reason) from exc
+
+
+def _check_lock_outlives_refresh(config: Config) -> None:
+    slowest = config.upstream.timeout_s + config.upstream.connect_timeout_s
+    ttl = config.tokens.refresh_lock_ttl_s
+    if ttl <= slowest:
+        raise ConfigError(
+            "tokens.refresh_lock_ttl_s",
+            f"must be longer than the slowest refresh (upstream.timeout_s + "
+            f"upstream.connect_timeout_s = {slowest:g} s), got {ttl:g}",
+        )
 
 
 def _show(value: object, secret: bool = False) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,12 +33,19 @@ INTERVAL_MS = 2000
 async def run_demo(requests: int = 30) -> int:
     """Run the demo and print what happened; returns the process exit code."""
     sim_config = SimulatorConfig(burst=BURST, interval_ms=INTERVAL_MS)
+    with tempfile.TemporaryDirectory() as workdir:
+        return await _run(sim_config, requests, Path(workdir))
+
+
+async def _run(sim_config: SimulatorConfig, requests: int, workdir: Path) -> int:
     client_id, client_secret = next(iter(sim_config.apps.items()))
     async with running_simulator(sim_config) as simulator, aiohttp.ClientSession() as http:
         sim = SimulatorClient(simulator.url, http)
         tokens = await sim.install_and_exchange(client_id, client_secret, location_id=DEMO_LOCATION)
         token = tokens["access_token"]
-        config = parse_config(_demo_document(simulator.url, client_id, client_secret), {})
+        document = _demo_document(simulator.url, client_id, client_secret)
+        document["store"] = {"sqlite_path": str(workdir / "tokens.db")}
+        config = parse_config(document, {})
         proxy = await start_server(
             create_app(config), bind_socket("127.0.0.1", 0), access_log=False
         )

@@ -6,12 +6,18 @@
         ├── BadRequest              400 bad_request (absolute-form target, CONNECT, ...)
         ├── ResourceUnresolved      400 resource_unresolved
         ├── CallerUnauthenticated   401 caller_unauthenticated
+        ├── ReauthorizationRequired 401 reauthorization_required (refresh token dead)
+        ├── WebhookRefused          401 webhook_rejected (signature, age, app)
         ├── ResourceForbidden       403 resource_forbidden
         ├── NotFound                404 not_found (an unknown /_proxy/ path)
+        ├── NoToken                 404 no_token (nothing installed for the resource)
+        ├── WebhookReplayed         409 webhook_replayed
         ├── BodyTooLarge            413 body_too_large
         ├── RateLimited             429 rate_limited (refused by the proxy's limiter)
         ├── UpstreamUnreachable     502 upstream_unreachable
         ├── LimiterUnavailable      503 limiter_unavailable
+        ├── TokenStoreUnavailable   503 token_store_unavailable
+        ├── TokenUnavailable        503 token_unavailable (refresh failed for now)
         └── UpstreamTimeout         504 upstream_timeout
 
 Every error a caller sees has the upstream's error shape,
@@ -67,6 +73,16 @@ class CallerUnauthenticated(RequestError):
     code = "caller_unauthenticated"
 
 
+class ReauthorizationRequired(RequestError):
+    status = 401
+    code = "reauthorization_required"
+
+
+class WebhookRefused(RequestError):
+    status = 401
+    code = "webhook_rejected"
+
+
 class ResourceForbidden(RequestError):
     status = 403
     code = "resource_forbidden"
@@ -75,6 +91,16 @@ class ResourceForbidden(RequestError):
 class NotFound(RequestError):
     status = 404
     code = "not_found"
+
+
+class NoToken(RequestError):
+    status = 404
+    code = "no_token"
+
+
+class WebhookReplayed(RequestError):
+    status = 409
+    code = "webhook_replayed"
 
 
 class BodyTooLarge(RequestError):
@@ -95,6 +121,16 @@ class UpstreamUnreachable(RequestError):
 class LimiterUnavailable(RequestError):
     status = 503
     code = "limiter_unavailable"
+
+
+class TokenStoreUnavailable(RequestError):
+    status = 503
+    code = "token_store_unavailable"
+
+
+class TokenUnavailable(RequestError):
+    status = 503
+    code = "token_unavailable"
 
 
 class UpstreamTimeout(RequestError):

@@ -1,14 +1,20 @@
-"""The forwarding handler: request -> resolve -> admission -> upstream -> response.
+"""The forwarding handler: request -> resolve -> token -> admission -> upstream -> response.
 
-Bodies stream in both directions when they are large, so a 200 MB upload or download
+The token comes before the slot: nothing slow may stand between a reserved slot and the
+send. Bodies stream in both directions when they are large, so a 200 MB upload or download
 costs the proxy a few chunks of memory. Transport failures are mapped to the proxy's own
 errors here, at one seam: refused or reset is 502 `upstream_unreachable`, too slow is 504
-`upstream_timeout`. An upstream 429 was not processed, so a held body is sent again once
-the key's pause is over, if that is within the request's deadline.
+`upstream_timeout`.
+
+A held body is sent again, taking a new slot each time, when the upstream answers:
+- 429 (not processed): once the key's pause is over, if that is within the deadline;
+- 401 `Invalid JWT` to a managed token: once, with a refreshed token;
+- 401 `Command timed out` (an upstream timeout in disguise): once; then 504.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -27,10 +33,12 @@ from proxy.errors import RateLimited, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import caller_response_headers, upstream_request_headers
 from proxy.limiter.base import Decision
 from proxy.resolve import RequestFacts, Resolver, Target
+from proxy.tokens.manager import TokenManager
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_429_REPLAYS = 3
+# How many times each kind of answer may be sent again.
+RESENDS = {"rate_limited": 3, "invalid_jwt": 1, "command_timed_out": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +60,13 @@ class Forwarder:
         config: Config,
         resolver: Resolver,
         admission: Admission,
+        tokens: TokenManager,
     ) -> None:
         self._session = session
         self._config = config
         self._resolver = resolver
         self._admission = admission
+        self._tokens = tokens
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -72,6 +82,8 @@ class Forwarder:
         outgoing = Outgoing(
             request.method, self.upstream_url(request), self._headers_for(request, target), body
         )
+        if target.passthrough_token is None:
+            await self._use_managed_token(outgoing, target)
         decision = await self._admission.admit(target.key, max_wait_s)
         return await self._send_and_relay(
             request, outgoing, target, decision, deadline=started + max_wait_s, started=started
@@ -91,6 +103,19 @@ class Forwarder:
             headers.popall("Authorization", None)
         return headers
 
+    async def _use_managed_token(
+        self, outgoing: Outgoing, target: Target, *, used: str | None = None
+    ) -> None:
+        """Put the proxy's token for the target on the request (a newer one after `used`
+        was refused as Invalid JWT)."""
+        app = target.app
+        assert app is not None, "a managed target always has a configured app"
+        if used is None:
+            token = await self._tokens.access_token(app, target.kind, target.id)
+        else:
+            token = await self._tokens.after_invalid_jwt(app, target.kind, target.id, used)
+        outgoing.headers["Authorization"] = f"Bearer {token}"
+
     async def _send_and_relay(
         self,
         request: web.Request,
@@ -101,33 +126,55 @@ class Forwarder:
         deadline: float,
         started: float,
     ) -> web.StreamResponse:
-        for replays_left in range(UPSTREAM_429_REPLAYS, -1, -1):
-            queued_s = time.monotonic() - started
+        resent = dict.fromkeys(RESENDS, 0)
+        while True:
             async with self._send(outgoing) as answer:
                 await self._admission.observe(target.key, answer.status, answer.headers)
-                extra = self._admission.answer_headers(decision, queued_s)
-                if not self._may_replay(answer, outgoing, replays_left):
+                extra = self._admission.answer_headers(decision, time.monotonic() - started)
+                if not self._may_resend(answer, outgoing):
                     return await relay_response(request, answer, extra)
-                refused_body = await answer.read()
+                body = await answer.read()
+            reason = resend_reason(answer.status, body)
+            if (
+                reason is None
+                or resent[reason] >= RESENDS[reason]
+                or not self._applies(reason, target)
+            ):
+                return self._final_answer(answer, body, extra, reason)
+            resent[reason] += 1
+            if reason == "invalid_jwt":
+                used = outgoing.headers["Authorization"].removeprefix("Bearer ")
+                await self._use_managed_token(outgoing, target, used=used)
             try:
                 decision = await self._admission.admit(
                     target.key, max(0.0, deadline - time.monotonic())
                 )
             except RateLimited:
-                log.info("upstream 429 for %s: no slot before the deadline", target.key.tag)
-                return buffered_response(answer, refused_body, extra)
-            log.info("upstream 429 for %s: sending again after the pause", target.key.tag)
-        raise AssertionError("unreachable: the last attempt always relays")
+                log.info("no slot before the deadline to resend %s", target.key.tag)
+                return buffered_response(answer, body, extra)
+            log.info("resending a request for %s after %s", target.key.tag, reason)
 
-    def _may_replay(
-        self, answer: aiohttp.ClientResponse, outgoing: Outgoing, replays_left: int
-    ) -> bool:
-        return (
-            answer.status == 429
-            and replays_left > 0
-            and outgoing.body.replayable
-            and not self._admission.shadow
-        )
+    def _may_resend(self, answer: aiohttp.ClientResponse, outgoing: Outgoing) -> bool:
+        """Worth reading the answer to decide: a 401 or 429 to a request we can send again."""
+        return answer.status in (401, 429) and outgoing.body.replayable
+
+    def _applies(self, reason: str, target: Target) -> bool:
+        if reason == "rate_limited":
+            return not self._admission.shadow  # shadow mode never holds a request
+        if reason == "invalid_jwt":
+            return target.passthrough_token is None  # the caller's own token is theirs
+        return True
+
+    def _final_answer(
+        self,
+        answer: aiohttp.ClientResponse,
+        body: bytes,
+        extra: Mapping[str, str],
+        reason: str | None,
+    ) -> web.StreamResponse:
+        if reason == "command_timed_out":
+            raise UpstreamTimeout("The upstream timed out (401 Command timed out) twice")
+        return buffered_response(answer, body, extra)
 
     @asynccontextmanager
     async def _send(self, outgoing: Outgoing) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -149,6 +196,24 @@ class Forwarder:
             raise UpstreamUnreachable(
                 f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
             ) from exc
+
+
+def resend_reason(status: int, body: bytes) -> str | None:
+    """Why an answer may be sent again, or None: `rate_limited`, `invalid_jwt`,
+    `command_timed_out` (the two 401s are told apart by the upstream's message)."""
+    if status == 429:
+        return "rate_limited"
+    if status != 401:
+        return None
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        return None
+    if message == "Invalid JWT":
+        return "invalid_jwt"
+    if message == "Command timed out":
+        return "command_timed_out"
+    return None
 
 
 def buffered_response(

@@ -7,6 +7,7 @@ can run side by side and never collide on a fixed port.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,18 @@ ProxyStarter = Callable[..., Awaitable[RunningServer]]
 
 
 @pytest.fixture
-async def start_proxy() -> AsyncIterator[ProxyStarter]:
-    """Start proxies in this process, each on a free port, the way `serve` starts them."""
+async def start_proxy(tmp_path: Path) -> AsyncIterator[ProxyStarter]:
+    """Start proxies in this process, each on a free port, the way `serve` starts them.
+    Each gets its own SQLite token file unless the overrides name a store."""
     started: list[RunningServer] = []
 
-    async def start(upstream_url: str, **overrides: Any) -> RunningServer:
+    async def start(
+        upstream_url: str, *, clock: Callable[[], float] = time.time, **overrides: Any
+    ) -> RunningServer:
+        overrides.setdefault("store", {"sqlite_path": str(tmp_path / f"tokens-{len(started)}.db")})
         config = proxy_config(upstream_url, **overrides)
-        server = await start_server(create_app(config), bind_socket("127.0.0.1", 0), grace_s=5)
+        app = create_app(config, clock=clock)
+        server = await start_server(app, bind_socket("127.0.0.1", 0), grace_s=5)
         started.append(server)
         return server
 
@@ -98,6 +104,7 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
 
     def spawn(upstream_url: str, **overrides: Any) -> ServiceProcess:
         index = len(started)
+        overrides.setdefault("store", {"sqlite_path": str(tmp_path / f"tokens-{index}.db")})
         config_path = write_config(
             tmp_path / f"proxy-{index}.yaml", merged(base_document(upstream_url), overrides)
         )

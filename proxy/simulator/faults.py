@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 _RATIOS = ("error_ratio", "drop_ratio", "command_timeout_ratio")
-_DELAYS = ("latency_ms", "token_latency_ms")
+_DELAYS = ("latency_ms", "token_latency_ms", "token_accept_delay_ms")
 
 
 @dataclass
@@ -25,6 +25,9 @@ class Faults:
     drop_ratio: float = 0.0
     command_timeout_ratio: float = 0.0
     token_latency_ms: float = 0.0
+    # Before the token endpoint decides anything: a client that dies meanwhile changed
+    # nothing (its request is cancelled), unlike token_latency_ms which comes after.
+    token_accept_delay_ms: float = 0.0
     force_429: int = 0
     inactive_locations: set[str] = field(default_factory=set)
 

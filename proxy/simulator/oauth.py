@@ -120,7 +120,10 @@ def token_answer(sim: Simulator, form: Mapping[str, str]) -> web.Response:
 
 async def token_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
-    answer = token_answer(sim, await read_form(request))
+    form = await read_form(request)
+    if sim.faults.token_accept_delay_ms > 0:
+        await asyncio.sleep(sim.faults.token_accept_delay_ms / 1000)
+    answer = token_answer(sim, form)
     await _token_latency(sim)
     return answer
 

@@ -60,6 +60,9 @@ class SimulatorServer:
             # The echo reports the body as it crossed the wire; a gzip body must be
             # hashed compressed, so the proxy's tests can tell it was not re-encoded.
             auto_decompress=False,
+            # A client that hangs up mid-request cancels it, as a real server drops work
+            # whose connection is gone (token_accept_delay_ms relies on it).
+            handler_cancellation=True,
         )
         await runner.setup()
         try:

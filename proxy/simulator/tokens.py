@@ -213,6 +213,10 @@ class TokenBook:
             return None
         return grant
 
+    def issued(self) -> set[str]:
+        """Every access and refresh token ever issued (tests grep logs for them)."""
+        return set(self._access) | set(self._refresh)
+
     def expire(self, resource: str | None, now: float) -> int:
         """Expire the live access tokens of one resource (or all); returns how many."""
         count = 0

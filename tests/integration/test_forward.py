@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,10 +14,19 @@ import pytest
 from yarl import URL
 
 from tests.support.redis_server import free_port
+from tests.support.tokens import bearer
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client whose every request carries the caller's own HighLevel token."""
+    async with aiohttp.ClientSession(auto_decompress=False, headers=CALLER) as session:
+        yield session
+
 
 RAW_QUERY = "a=%2F%20b&c=1+2&c=3&d=%7E&e=&f"
-# The echo endpoints name no resource; this one stands in, so the limiter has a key.
-RESOURCE = "location:forwardingTests"
+# The caller's own (pass-through) token names the resource the limiter keys on.
+CALLER = bearer("forwardingTests")
 
 
 async def echo(http: aiohttp.ClientSession, url: str, method: str = "GET", **kw: Any) -> Any:
@@ -39,7 +49,7 @@ async def raw_exchange(url: str, request: bytes) -> tuple[int, bytes]:
 
 async def test_path_and_raw_query_cross_byte_for_byte(simulator, start_proxy, http) -> None:
     """Percent-encoding in path and query reaches the upstream exactly as the caller sent it."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     seen = await echo(http, f"{proxy.url}/_sim/echo/a%2Fb/c%20d?{RAW_QUERY}")
     assert seen["raw_path"] == f"/_sim/echo/a%2Fb/c%20d?{RAW_QUERY}"
     assert seen["query_string"] == RAW_QUERY
@@ -48,7 +58,7 @@ async def test_path_and_raw_query_cross_byte_for_byte(simulator, start_proxy, ht
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 async def test_every_method_and_body_is_forwarded(simulator, start_proxy, http, method) -> None:
     """Method and body arrive unchanged for every method the API uses."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     body = json.dumps({"locationId": "loc1", "n": method}).encode()
     seen = await echo(
         http, f"{proxy.url}/_sim/echo/x", method, data=body,
@@ -62,7 +72,7 @@ async def test_every_method_and_body_is_forwarded(simulator, start_proxy, http, 
 
 async def test_hop_by_hop_and_proxy_headers_stay_behind(simulator, start_proxy, http) -> None:
     """Hop-by-hop headers, those named in Connection, and X-HoopAI-* never reach upstream."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     seen = await echo(
         http,
         f"{proxy.url}/_sim/echo/h",
@@ -87,7 +97,7 @@ async def test_hop_by_hop_and_proxy_headers_stay_behind(simulator, start_proxy, 
 
 async def test_version_added_only_when_absent(simulator, start_proxy, http) -> None:
     """The configured Version goes up only when the caller sent none."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     added = await echo(http, f"{proxy.url}/_sim/echo/v")
     kept = await echo(http, f"{proxy.url}/_sim/echo/v", headers={"Version": "2021-04-15"})
     assert added["headers"]["Version"] == "2021-07-28"
@@ -98,7 +108,7 @@ async def test_response_hop_by_hop_dropped_rate_limit_headers_kept(
     simulator, start_proxy, http
 ) -> None:
     """The caller gets the upstream's headers minus hop-by-hop ones, X-RateLimit-* verbatim."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     query = (
         "Connection=X-Upstream-Hop&X-Upstream-Hop=1&Keep-Alive=timeout%3D9"
         "&X-RateLimit-Remaining=7&X-RateLimit-Max=100&X-Other=ok"
@@ -116,7 +126,7 @@ async def test_compressed_request_body_is_not_decompressed(simulator, start_prox
     """A gzip request body crosses as sent, with its Content-Encoding."""
     import gzip
 
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     body = gzip.compress(b'{"hello": "world"}' * 100)
     seen = await echo(
         http, f"{proxy.url}/_sim/echo/gz", "POST", data=body,
@@ -136,7 +146,7 @@ async def test_compressed_request_body_is_not_decompressed(simulator, start_prox
 )
 async def test_forward_proxy_requests_are_refused(simulator, start_proxy, request_bytes) -> None:
     """Absolute-form targets and CONNECT get 400 JSON and nothing is sent upstream."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     before = simulator.state.stats()["requests"]
     status, body = await raw_exchange(proxy.url, request_bytes)
     assert status == 400
@@ -146,7 +156,7 @@ async def test_forward_proxy_requests_are_refused(simulator, start_proxy, reques
 
 async def test_unreachable_upstream_is_502_json_and_proxy_keeps_serving(start_proxy, http) -> None:
     """A refused connection answers 502 upstream_unreachable; the proxy stays healthy."""
-    proxy = await start_proxy(f"http://127.0.0.1:{free_port()}", default_resource=RESOURCE)
+    proxy = await start_proxy(f"http://127.0.0.1:{free_port()}")
     for _ in range(3):
         async with http.get(f"{proxy.url}/contacts/") as response:
             assert response.status == 502
@@ -162,18 +172,16 @@ async def test_unreachable_upstream_is_502_json_and_proxy_keeps_serving(start_pr
 
 async def test_dropped_connection_is_502(simulator, start_proxy, http) -> None:
     """An upstream that closes the connection without answering gives 502."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     simulator.state.set_faults({"drop_ratio": 1.0})
-    async with http.get(
-        f"{proxy.url}/contacts/", headers={"Authorization": "Bearer x", "Version": "v"}
-    ) as response:
+    async with http.get(f"{proxy.url}/contacts/") as response:
         assert response.status == 502
         assert (await response.json())["error"] == "upstream_unreachable"
 
 
 async def test_slow_upstream_is_504_json(simulator, start_proxy, http) -> None:
     """An upstream slower than upstream.timeout_s answers 504 upstream_timeout."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE, upstream={"timeout_s": 0.3})
+    proxy = await start_proxy(simulator.url, upstream={"timeout_s": 0.3})
     async with http.get(f"{proxy.url}/_sim/slow?ms=3000") as response:
         assert response.status == 504
         assert (await response.json())["error"] == "upstream_timeout"
@@ -183,9 +191,7 @@ async def test_slow_upstream_is_504_json(simulator, start_proxy, http) -> None:
 
 async def test_declared_body_over_the_limit_is_413(simulator, start_proxy, http) -> None:
     """A Content-Length over server.max_body_bytes is refused before anything is sent."""
-    proxy = await start_proxy(
-        simulator.url, default_resource=RESOURCE, server={"max_body_bytes": 1000}
-    )
+    proxy = await start_proxy(simulator.url, server={"max_body_bytes": 1000})
     before = simulator.state.stats()["requests"]
     async with http.post(f"{proxy.url}/_sim/echo/big", data=b"x" * 2000) as response:
         assert response.status == 413
@@ -195,7 +201,7 @@ async def test_declared_body_over_the_limit_is_413(simulator, start_proxy, http)
 
 async def test_unknown_proxy_path_is_404_json(simulator, start_proxy, http) -> None:
     """Paths under /_proxy/ are the proxy's own; an unknown one is a JSON 404."""
-    proxy = await start_proxy(simulator.url, default_resource=RESOURCE)
+    proxy = await start_proxy(simulator.url)
     async with http.get(f"{proxy.url}/_proxy/nope") as response:
         assert response.status == 404
         assert (await response.json())["error"] == "not_found"
@@ -208,9 +214,7 @@ async def test_many_concurrent_callers_each_get_their_own_answer(
     simulator, start_proxy, http
 ) -> None:
     """300 concurrent requests through one proxy: every caller gets its own echo back."""
-    proxy = await start_proxy(
-        simulator.url, default_resource=RESOURCE, limits={"burst": {"requests": 1000}}
-    )
+    proxy = await start_proxy(simulator.url, limits={"burst": {"requests": 1000}})
 
     async def one(index: int) -> None:
         body = f"caller-{index}".encode()

@@ -8,10 +8,21 @@ import hashlib
 import signal
 from collections.abc import AsyncIterator
 
+import aiohttp
 import psutil
+import pytest
+
+from tests.support.tokens import bearer
 
 MB = 1024 * 1024
 BIG = 200 * MB
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client whose every request carries the caller's own HighLevel token."""
+    async with aiohttp.ClientSession(headers=bearer("processTests")) as session:
+        yield session
 
 
 class PeakRss:
@@ -60,9 +71,7 @@ async def test_200mb_upload_and_download_stream_with_bounded_memory(
     simulator, spawn_proxy, http
 ) -> None:
     """200 MB each way through the proxy process grows its RSS by only a few MB."""
-    proxy = spawn_proxy(
-        simulator.url, default_resource="location:processTests", server={"max_body_bytes": BIG + MB}
-    )
+    proxy = spawn_proxy(simulator.url, server={"max_body_bytes": BIG + MB})
     await warm_up(http, proxy.url)
     assert proxy.process is not None
     with PeakRss(proxy.process.pid) as upload_rss:
@@ -86,7 +95,7 @@ async def test_200mb_upload_and_download_stream_with_bounded_memory(
 
 async def test_sigterm_drains_in_flight_requests(simulator, spawn_proxy, http) -> None:
     """Requests already accepted when SIGTERM arrives finish with 200; the exit is clean."""
-    proxy = spawn_proxy(simulator.url, default_resource="location:processTests")
+    proxy = spawn_proxy(simulator.url)
     in_flight = [asyncio.create_task(http.get(f"{proxy.url}/_sim/slow?ms=1500")) for _ in range(10)]
     await asyncio.sleep(0.5)
     proxy.signal(signal.SIGTERM)
@@ -99,9 +108,7 @@ async def test_sigterm_drains_in_flight_requests(simulator, spawn_proxy, http) -
 
 async def test_several_workers_share_one_port(simulator, spawn_proxy, http) -> None:
     """`server.workers: 3` serves from three processes on one port and stops cleanly."""
-    proxy = spawn_proxy(
-        simulator.url, default_resource="location:processTests", server={"workers": 3}
-    )
+    proxy = spawn_proxy(simulator.url, server={"workers": 3})
     assert proxy.process is not None
     workers = psutil.Process(proxy.process.pid).children()
     assert len(workers) == 3

@@ -87,6 +87,7 @@ def test_defaults_when_only_apps_given() -> None:
                 "client_id": "6650f0fc2d1d-lwxyz123",
                 "client_secret": SECRET,
                 "redirect_uri": "http://localhost:8080/_proxy/oauth/callback",
+                "scopes": "",
             },
         ),
         "limits": {
@@ -104,6 +105,14 @@ def test_defaults_when_only_apps_given() -> None:
         },
         "callers": (),
         "default_resource": "",
+        "tokens": {
+            "refresh_skew_s": 300.0,
+            "refresh_lock_ttl_s": 90.0,
+            "refresh_token_max_age_days": 300,
+            "keepalive_interval_s": 60.0,
+            "authorize_url": "https://marketplace.gohighlevel.com/oauth/chooselocation",
+        },
+        "webhooks": {"ed25519_public_key": "", "rsa_public_key": "", "max_age_s": 300.0},
     }
 
 
@@ -179,6 +188,9 @@ BASE_URL = "must be an http:// or https:// URL with a host and no query"
         ("server.workers", 0, POSITIVE),
         ("server.max_body_bytes", "-5", POSITIVE),
         ("server.replay_body_bytes", 0, POSITIVE),
+        ("tokens.refresh_skew_s", "-1", SECONDS),
+        ("tokens.refresh_token_max_age_days", 0, POSITIVE),
+        ("webhooks.max_age_s", 0, SECONDS),
         ("store.redis_cluster", "maybe", "must be true or false"),
         ("store.redis_cluster", 1, "must be true or false"),
         ("admin.host", "", NON_EMPTY),
@@ -638,3 +650,20 @@ def test_interpolated_yaml_file(tmp_path: Path) -> None:
     )
     config = load_config(path, {"ID": "a-b", "SECRET": "s", "PORT": "9999"})
     assert config.server.port == 9999 and config.apps[0].app_id == "a"
+
+
+def test_refresh_lock_must_outlive_the_slowest_refresh() -> None:
+    """A lock shorter than a refresh could expire mid-refresh and let a token be spent twice."""
+    message = error(doc(tokens={"refresh_lock_ttl_s": 30}))
+    assert message == (
+        "tokens.refresh_lock_ttl_s: must be longer than the slowest refresh "
+        "(upstream.timeout_s + upstream.connect_timeout_s = 65 s), got 30"
+    )
+    assert parse_config(doc(tokens={"refresh_lock_ttl_s": 66}), {}).tokens.refresh_lock_ttl_s == 66
+
+
+def test_redis_cluster_flag_from_the_environment() -> None:
+    """store.redis_cluster takes true/false, also from an environment variable."""
+    document = doc(store={"redis_cluster": "${CLUSTER:-false}"})
+    assert parse_config(document, {"CLUSTER": "true"}).store.redis_cluster is True
+    assert parse_config(document, {}).store.redis_cluster is False

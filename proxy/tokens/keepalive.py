@@ -1,0 +1,89 @@
+"""Keep-alive: refresh tokens before anyone needs them, spread over time.
+
+Access tokens are refreshed a little before the request path would have to (each record
+at its own offset, derived from its key, so thousands of tokens issued at the same moment
+are not refreshed at the same moment), and any refresh token older than
+`tokens.refresh_token_max_age_days` is refreshed so that idle resources never reach the
+upstream's one-year expiry. Every refresh goes through the token manager, so across
+replicas only one of them does it (the same lock); the others find it done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from proxy.config import AppConfig, TokensConfig
+from proxy.errors import ProxyError
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.store import OK, TokenRecord
+
+log = logging.getLogger(__name__)
+
+MAX_SPREAD_S = 3600.0
+CONCURRENT_REFRESHES = 4
+DAY_S = 86400.0
+
+
+def spread_fraction(tag: str) -> float:
+    """A stable number in [0, 1) for a key: its place in the spread."""
+    digest = hashlib.sha256(tag.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class KeepAlive:
+    """Finds records that are due and refreshes them, a few at a time."""
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        apps: Mapping[str, AppConfig],
+        config: TokensConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`apps` maps marketplace app id to its config."""
+        self._manager = manager
+        self._apps = apps
+        self._config = config
+        self._clock = clock
+
+    def due(self, record: TokenRecord, now: float) -> bool:
+        """True when `record` should be refreshed now."""
+        if record.status != OK or record.app not in self._apps:
+            return False
+        lifetime = max(0.0, record.expires_at - record.refreshed_at)
+        spread = spread_fraction(record.tag) * min(MAX_SPREAD_S, lifetime / 4)
+        refresh_at = record.expires_at - self._config.refresh_skew_s - spread
+        too_old = now - record.refreshed_at > self._config.refresh_token_max_age_days * DAY_S
+        return now >= refresh_at or too_old
+
+    async def run_once(self) -> int:
+        """Refresh every due record; returns how many were refreshed (or found refreshed)."""
+        now = self._clock()
+        due = [record for record in await self._manager.store.list() if self.due(record, now)]
+        gate = asyncio.Semaphore(CONCURRENT_REFRESHES)
+
+        async def refresh(record: TokenRecord) -> bool:
+            async with gate:
+                try:
+                    await self._manager.refresh_now(self._apps[record.app], record)
+                except ProxyError as exc:
+                    log.warning("keep-alive could not refresh %s: %s", record.tag, exc)
+                    return False
+                return True
+
+        results = await asyncio.gather(*(refresh(record) for record in due))
+        return sum(results)
+
+    async def run_forever(self) -> None:
+        """Run until cancelled, every `tokens.keepalive_interval_s`."""
+        while True:
+            try:
+                await self.run_once()
+            except ProxyError as exc:  # the store being down must not end the task
+                log.warning("keep-alive pass failed: %s", exc)
+            await asyncio.sleep(self._config.keepalive_interval_s)

@@ -1,0 +1,266 @@
+"""Fresh bearer tokens for managed resources: cache, refresh, single flight, minting.
+
+`access_token(app, kind, id)` answers from an in-process cache while the token has more
+than `tokens.refresh_skew_s` left; otherwise it refreshes. A refresh is single-flight
+twice over: concurrent callers in this process share one task, and across processes and
+replicas a lock in the store admits one refresher. The lock holder re-reads the record
+(another replica may have refreshed it already), calls the token endpoint, stores the
+new pair by compare-and-set on `version`, and only then releases the lock, so the new
+refresh token is stored before anything else can use it. The others wait for the version
+to change and read the new pair.
+
+A refresh token the upstream calls invalid (`invalid_grant`) is re-read first (another
+replica may have won); if it is still the one that failed, the record is marked
+`needs_reauth` and callers get 401 `reauthorization_required`. A Location without a token
+of its own, under a Company install that approves it, gets a token minted from the
+Company token (single-flight too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from proxy.config import AppConfig, TokensConfig
+from proxy.errors import NoToken, ReauthorizationRequired, TokenUnavailable
+from proxy.tokens.oauth import (
+    ClientRejected,
+    InvalidGrant,
+    LocationInactive,
+    OAuthClient,
+    TokenEndpointError,
+)
+from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, str]
+WAIT_POLL_S = 0.05
+
+
+class TokenManager:
+    """Hands out valid access tokens for (app, kind, id), refreshing them exactly once."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        oauth: OAuthClient,
+        config: TokensConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.oauth = oauth
+        self._config = config
+        self._clock = clock
+        self._cache: dict[Key, TokenRecord] = {}
+        self._inflight: dict[Key, asyncio.Task[TokenRecord]] = {}
+
+    # -- what the request path calls -----------------------------------------------------
+
+    async def access_token(self, app: AppConfig, kind: str, resource_id: str) -> str:
+        """A valid access token for the resource, refreshed or minted if need be."""
+        key = (app.app_id, kind, resource_id)
+        cached = self._cache.get(key)
+        if cached is not None and self._fresh(cached):
+            return cached.access_token
+        record = await self._current(app, key)
+        if not self._fresh(record):
+            record = await self._single_flight(key, lambda: self._refresh(app, record))
+        return record.access_token
+
+    async def after_invalid_jwt(
+        self, app: AppConfig, kind: str, resource_id: str, used_token: str
+    ) -> str:
+        """The upstream said `Invalid JWT` to `used_token`: a newer token, refreshed if the
+        stored one is still the one that failed."""
+        key = (app.app_id, kind, resource_id)
+        self._cache.pop(key, None)
+        record = await self._current(app, key)
+        if record.access_token != used_token and self._fresh(record):
+            return record.access_token
+        refreshed = await self._single_flight(key, lambda: self._refresh(app, record, force=True))
+        return refreshed.access_token
+
+    async def refresh_now(self, app: AppConfig, record: TokenRecord) -> TokenRecord:
+        """Refresh `record` now (keep-alive, CLI): skipped if another process already did."""
+        return await self._single_flight(record.key, lambda: self._refresh(app, record, force=True))
+
+    async def install(self, record: TokenRecord) -> TokenRecord:
+        """Store a freshly installed pair over whatever was there (a reinstall heals a dead
+        record)."""
+        stored = await self.store.replace(record)
+        self._cache[stored.key] = stored
+        log.info("installed token %s (version %d)", stored.tag, stored.version)
+        return stored
+
+    async def uninstall(self, app_id: str, kind: str, resource_id: str) -> bool:
+        """Delete the record of an uninstalled app: its tokens are dead upstream."""
+        self.forget((app_id, kind, resource_id))
+        return await self.store.delete(app_id, kind, resource_id)
+
+    def forget(self, key: Key) -> None:
+        """Drop a cached record (after an uninstall or a reinstall)."""
+        self._cache.pop(key, None)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _fresh(self, record: TokenRecord) -> bool:
+        return record.expires_at - self._clock() > self._config.refresh_skew_s
+
+    async def _current(self, app: AppConfig, key: Key) -> TokenRecord:
+        """The stored record (minting a Location token if need be); never a dead one."""
+        record = await self.store.get(*key)
+        if record is None and key[1] == "location":
+            record = await self._single_flight(key, lambda: self._mint(app, key[2]))
+        if record is None:
+            raise NoToken(
+                f"No token is installed for {key[1]} {key[2]} of app {app.name!r}: install the "
+                f"app there (open /_proxy/oauth/start?app={app.name}) or import a refresh "
+                "token with `hoopai-proxy tokens add`"
+            )
+        _refuse_dead(record, app)
+        if self._fresh(record):
+            self._cache[key] = record
+        return record
+
+    async def _single_flight(
+        self, key: Key, work: Callable[[], Awaitable[TokenRecord]]
+    ) -> TokenRecord:
+        """One task per key in this process; callers share it. A caller that goes away
+        does not cancel it (shield): the others still need its result."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        record = await asyncio.shield(task)
+        self._cache[key] = record
+        return record
+
+    async def _refresh(
+        self, app: AppConfig, stale: TokenRecord, *, force: bool = False
+    ) -> TokenRecord:
+        """Refresh `stale` under the store's lock, or wait for whoever holds it."""
+        deadline = self._clock() + self._config.refresh_lock_ttl_s * 2
+        name = f"refresh:{stale.tag}"
+        while True:
+            current = await self.store.get(*stale.key)
+            if current is None:
+                raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
+            _refuse_dead(current, app)
+            if current.version != stale.version or (not force and self._fresh(current)):
+                return current  # someone else refreshed it
+            owner = await self.store.acquire_lock(name, self._config.refresh_lock_ttl_s)
+            if owner is not None:
+                try:
+                    return await self._refresh_holding_lock(app, stale)
+                finally:
+                    await self.store.release_lock(name, owner)
+            if self._clock() > deadline:
+                raise TokenUnavailable(
+                    f"Waited too long for another process to refresh {stale.tag}; retry"
+                )
+            await asyncio.sleep(WAIT_POLL_S)
+
+    async def _refresh_holding_lock(self, app: AppConfig, stale: TokenRecord) -> TokenRecord:
+        current = await self.store.get(*stale.key)
+        if current is None or current.version != stale.version:
+            # Refreshed (or deleted) between our read and our lock.
+            return current if current is not None else await self._current(app, stale.key)
+        if not current.refresh_token:
+            return await self._remint(app, current)
+        try:
+            grant = await self.oauth.refresh(app, current.refresh_token, current.user_type)
+        except InvalidGrant as exc:
+            return await self._mark_dead(app, current, exc.message)
+        except LocationInactive as exc:
+            raise TokenUnavailable(f"{exc.message} ({current.kind} {current.id})") from exc
+        except ClientRejected as exc:
+            raise TokenUnavailable(
+                f"The token endpoint refused app {app.name!r}'s client credentials: check "
+                "its client_id and client_secret in the config"
+            ) from exc
+        except TokenEndpointError as exc:
+            raise TokenUnavailable(exc.message) from exc
+        now = self._clock()
+        fresh = grant.record(current.app, now=now, version=current.version + 1)
+        fresh = replace(
+            fresh, approved_locations=fresh.approved_locations or current.approved_locations
+        )
+        if not await self.store.compare_and_set(fresh):
+            # Only possible if our lock expired mid-refresh: the pair we hold may be the
+            # only live one, so say so loudly; the stored record wins.
+            log.error("token record %s changed while its refresh lock was held", current.tag)
+            latest = await self.store.get(*current.key)
+            if latest is None:
+                raise TokenUnavailable(f"The token for {current.tag} disappeared")
+            return latest
+        log.info("refreshed token %s (version %d)", current.tag, fresh.version)
+        return fresh
+
+    async def _mark_dead(self, app: AppConfig, failed: TokenRecord, reason: str) -> TokenRecord:
+        latest = await self.store.get(*failed.key)
+        if latest is not None and latest.refresh_token != failed.refresh_token:
+            return latest  # another replica won the rotation; its pair is live
+        dead = replace(failed, status=NEEDS_REAUTH, version=failed.version + 1)
+        await self.store.compare_and_set(dead)
+        log.error("refresh token of %s is invalid (%s): reinstall needed", failed.tag, reason)
+        _refuse_dead(dead, app)
+        raise AssertionError("unreachable")  # _refuse_dead raised
+
+    async def _mint(self, app: AppConfig, location_id: str) -> TokenRecord:
+        """A Location token from a Company install that approves this location."""
+        existing = await self.store.get(app.app_id, "location", location_id)
+        if existing is not None:
+            return existing
+        for company in await self._approving_companies(app, location_id):
+            company_token = await self.access_token(app, "company", company.id)
+            try:
+                grant = await self.oauth.location_token(company_token, company.id, location_id)
+            except TokenEndpointError as exc:
+                log.info("company %s could not mint for location %s: %s", company.id,
+                         location_id, exc.message)  # fmt: skip
+                continue
+            record = grant.record(app.app_id, now=self._clock())
+            stored = await self.store.replace(record)
+            log.info("minted a location token for %s from company %s", record.tag, company.id)
+            return stored
+        raise NoToken(
+            f"No token is installed for location {location_id} of app {app.name!r}, and no "
+            "installed Company approves it: install the app there (open "
+            f"/_proxy/oauth/start?app={app.name})"
+        )
+
+    async def _remint(self, app: AppConfig, current: TokenRecord) -> TokenRecord:
+        """A minted Location token without a refresh token: mint it again."""
+        company_token = await self.access_token(app, "company", current.company_id)
+        grant = await self.oauth.location_token(company_token, current.company_id, current.id)
+        fresh = grant.record(current.app, now=self._clock(), version=current.version + 1)
+        if not await self.store.compare_and_set(fresh):
+            latest = await self.store.get(*current.key)
+            return latest if latest is not None else fresh
+        return fresh
+
+    async def _approving_companies(self, app: AppConfig, location_id: str) -> list[TokenRecord]:
+        companies = [
+            record
+            for record in await self.store.list()
+            if record.app == app.app_id
+            and record.kind == "company"
+            and record.status != NEEDS_REAUTH
+        ]
+        listed = [c for c in companies if location_id in c.approved_locations]
+        open_ended = [c for c in companies if not c.approved_locations]
+        return listed + open_ended
+
+
+def _refuse_dead(record: TokenRecord, app: AppConfig) -> None:
+    if record.status == NEEDS_REAUTH:
+        raise ReauthorizationRequired(
+            f"The refresh token for {record.kind} {record.id} of app {app.name!r} is no "
+            f"longer valid: reinstall the app there (open /_proxy/oauth/start?app={app.name})"
+        )

@@ -1,0 +1,222 @@
+"""The client of the upstream's token endpoints: code exchange, refresh, location tokens.
+
+Answers are classified here, at one seam, so the token manager sees only the proxy's own
+outcomes: a `TokenGrant`; `InvalidGrant` (the refresh token is dead: reinstall);
+`LocationInactive` (temporary: keep the token); `ClientRejected` (wrong client secret);
+or, after a few quick retries of network errors and 5xx, `TokenUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy.config import AppConfig
+from proxy.errors import ProxyError, TokenUnavailable
+from proxy.tokens.store import OK, TokenRecord
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.2, 0.5, 1.0)
+LOCATION_TOKEN_VERSION = "2021-07-28"
+
+
+class TokenEndpointError(ProxyError):
+    """The token endpoint said no; `message` is the upstream's words (no secrets)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidGrant(TokenEndpointError):
+    """The code or refresh token is invalid, expired or already used."""
+
+
+class LocationInactive(TokenEndpointError):
+    """The location is not active (temporary): keep the token, try later."""
+
+
+class ClientRejected(TokenEndpointError):
+    """The app's client id or secret was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """What the token endpoint handed out."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: float
+    scope: str
+    user_type: str
+    company_id: str
+    location_id: str
+    user_id: str
+    approved_locations: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return "company" if self.user_type == "Company" else "location"
+
+    @property
+    def resource_id(self) -> str:
+        return self.company_id if self.kind == "company" else self.location_id
+
+    def record(self, app_id: str, *, now: float, version: int = 1) -> TokenRecord:
+        """The record to store for this grant."""
+        return TokenRecord(
+            app=app_id,
+            kind=self.kind,
+            id=self.resource_id,
+            access_token=self.access_token,
+            refresh_token=self.refresh_token,
+            expires_at=now + self.expires_in,
+            refreshed_at=now,
+            scope=self.scope,
+            user_type=self.user_type,
+            company_id=self.company_id,
+            location_id=self.location_id,
+            user_id=self.user_id,
+            approved_locations=self.approved_locations,
+            version=version,
+            status=OK,
+        )
+
+
+def parse_grant(body: Mapping[str, Any], *, user_type: str = "") -> TokenGrant:
+    """A TokenGrant from a token endpoint answer; a missing token is a TokenEndpointError."""
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise TokenEndpointError("the token endpoint's answer has no access_token")
+    approved = body.get("approvedLocations") or ()
+    return TokenGrant(
+        access_token=access,
+        refresh_token=str(body.get("refresh_token") or ""),
+        expires_in=float(body.get("expires_in") or 86399),
+        scope=str(body.get("scope") or ""),
+        user_type=str(body.get("userType") or user_type or "Location"),
+        company_id=str(body.get("companyId") or ""),
+        location_id=str(body.get("locationId") or ""),
+        user_id=str(body.get("userId") or ""),
+        approved_locations=tuple(str(item) for item in approved),
+    )
+
+
+class OAuthClient:
+    """Talks to `{base_url}/oauth/*` over the proxy's pooled session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._session = session
+        self._base_url = base_url
+        self._retry_delays_s = tuple(retry_delays_s)
+        self.clock = clock
+
+    async def exchange_code(self, app: AppConfig, code: str, user_type: str = "") -> TokenGrant:
+        form = self._client_form(app) | {"grant_type": "authorization_code", "code": code}
+        if user_type:
+            form["user_type"] = user_type
+        return parse_grant(await self._post_form("/oauth/token", form), user_type=user_type)
+
+    async def refresh(self, app: AppConfig, refresh_token: str, user_type: str) -> TokenGrant:
+        form = self._client_form(app) | {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "user_type": user_type,
+        }
+        return parse_grant(await self._post_form("/oauth/token", form), user_type=user_type)
+
+    async def location_token(
+        self, company_access_token: str, company_id: str, location_id: str
+    ) -> TokenGrant:
+        headers = {
+            "Authorization": f"Bearer {company_access_token}",
+            "Version": LOCATION_TOKEN_VERSION,
+        }
+        form = {"companyId": company_id, "locationId": location_id}
+        body = await self._post_form("/oauth/locationToken", form, headers=headers)
+        grant = parse_grant(body, user_type="Location")
+        return grant if grant.location_id else _with_location(grant, location_id, company_id)
+
+    def _client_form(self, app: AppConfig) -> dict[str, str]:
+        return {
+            "client_id": app.client_id,
+            "client_secret": app.client_secret,
+            "redirect_uri": app.redirect_uri,
+        }
+
+    async def _post_form(
+        self, path: str, form: dict[str, str], headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """POST a form; retry network errors and 5xx with backoff; classify refusals."""
+        # The shared session adds no Content-Type of its own (the forwarder relays the
+        # caller's), so the form says what it is.
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        for attempt, delay in enumerate((*self._retry_delays_s, None)):
+            try:
+                async with self._session.post(
+                    self._base_url + path, data=form, headers=headers
+                ) as answer:
+                    body = await _json_body(answer)
+                    if answer.status < 500:
+                        return _classified(answer.status, body, path)
+                    problem = f"HTTP {answer.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = type(exc).__name__
+            if delay is None:
+                break
+            log.warning("token endpoint %s failed (%s), attempt %d; retrying", path, problem,
+                        attempt + 1)  # fmt: skip
+            await asyncio.sleep(delay)
+        raise TokenUnavailable(
+            f"The upstream's token endpoint is not answering ({problem}); the stored "
+            "token was kept, retry shortly"
+        )
+
+
+async def _json_body(answer: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        body = await answer.json(content_type=None)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _classified(status: int, body: dict[str, Any], path: str) -> dict[str, Any]:
+    if status == 200:
+        return body
+    message = str(body.get("message") or body.get("error_description") or f"HTTP {status}")
+    if status == 401 and "client" in message.lower():
+        raise ClientRejected(message)
+    if "not active" in message.lower():
+        raise LocationInactive(message)
+    if body.get("error") == "invalid_grant" or "invalid grant" in message.lower():
+        raise InvalidGrant(message)
+    raise TokenEndpointError(f"{path} answered {status}: {message}")
+
+
+def _with_location(grant: TokenGrant, location_id: str, company_id: str) -> TokenGrant:
+    return TokenGrant(
+        access_token=grant.access_token,
+        refresh_token=grant.refresh_token,
+        expires_in=grant.expires_in,
+        scope=grant.scope,
+        user_type="Location",
+        company_id=grant.company_id or company_id,
+        location_id=location_id,
+        user_id=grant.user_id,
+        approved_locations=(),
+    )

@@ -1,0 +1,33 @@
+"""HighLevel-shaped tokens for tests that need a caller's own token but no upstream check.
+
+The proxy reads a caller's JWT payload (authClass, authClassId, the app) without checking
+its signature, and passes the token through; the simulator's unauthenticated probes
+(`/_sim/echo`, `/_sim/download`, ...) accept anything. Tests of forwarding use these.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+SIM_CLIENT_ID = "6650f1a2b3c4d5e6f7a8b9c0-simdemo01"
+
+
+def _part(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def location_jwt(location_id: str, client_id: str = SIM_CLIENT_ID) -> str:
+    """A JWT-shaped Location token naming `location_id` (signature not valid anywhere)."""
+    payload = {
+        "authClass": "Location",
+        "authClassId": location_id,
+        "sourceId": client_id,
+        "oauthMeta": {"client": client_id.split("-", 1)[0], "scopes": []},
+    }
+    return f"{_part({'alg': 'RS256', 'typ': 'JWT'})}.{_part(payload)}.dGVzdA"
+
+
+def bearer(location_id: str) -> dict[str, str]:
+    """An Authorization header carrying `location_jwt(location_id)`."""
+    return {"Authorization": f"Bearer {location_jwt(location_id)}"}
