@@ -1,4 +1,4 @@
-"""The `hoopai-proxy` command: serve, check-config, simulate, demo.
+"""The `hoopai-proxy` command: serve, check-config, simulate, demo, tokens.
 
 Exit codes: 0 ok, 2 bad config or usage (one line naming the key and the reason),
 1 a failure at run time.
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="simulator + proxy + traffic, on this machine")
     demo.add_argument("--requests", type=int, default=30, help="requests to send (default 30)")
     demo.set_defaults(run=run_demo)
+
+    tokens = commands.add_parser("tokens", help="add, list, delete or refresh stored tokens")
+    _add_tokens_arguments(tokens)
     return parser
 
 
@@ -101,6 +104,13 @@ def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
     from proxy.simulator import cli as simulator_cli
 
     simulator_cli.add_arguments(parser)
+
+
+def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
+    # Imported here: proxy.tokens.cli imports config_from from this module.
+    from proxy.tokens import cli as tokens_cli
+
+    tokens_cli.add_arguments(parser)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
