@@ -210,3 +210,23 @@ async def test_other_401s_pass_through_untouched(simulator, start_proxy, http) -
         body = await answer.json()
     assert answer.status == 401 and "authClass type is not allowed" in body["message"]
     assert simulator.state.stats()["refreshes"] == 0
+
+
+async def test_token_endpoint_down_keeps_the_old_token(simulator, start_proxy, http) -> None:
+    """Network errors on refresh are retried with backoff, then 503 token_unavailable; the
+    stored token is untouched and works again once the endpoint is back."""
+    from tests.support.redis_server import free_port
+
+    dead_end = f"http://127.0.0.1:{free_port()}"
+    proxy = await start_proxy(simulator.url, **ROOMY)
+    await install(http, proxy.url, simulator, location_id=LOCATION)
+    manager = proxy.runner.app[TOKENS]
+    before = await manager.store.get(APP_ID, "location", LOCATION)
+    working_base = manager.oauth._base_url
+    manager.oauth._base_url = dead_end  # the token endpoint goes away
+    simulator.state.expire_tokens(RESOURCE)
+    status, body = await managed(http, proxy.url)
+    assert status == 503 and body["error"] == "token_unavailable"
+    assert await manager.store.get(APP_ID, "location", LOCATION) == before
+    manager.oauth._base_url = working_base
+    assert (await managed(http, proxy.url))[0] == 200
