@@ -75,13 +75,16 @@ def write_section(text: str) -> None:
 
 
 def start_proxy(workdir: Path, name: str, upstream: str, **store: str) -> ServiceProcess:
-    config = write_config(workdir / f"{name}.yaml", {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"base_url": upstream},
-        "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
-        "limits": UNLIMITED,
-        "store": {"sqlite_path": str(workdir / f"{name}-tokens.db"), **store},
-    })  # fmt: skip
+    config = write_config(
+        workdir / f"{name}.yaml",
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "upstream": {"base_url": upstream},
+            "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
+            "limits": UNLIMITED,
+            "store": {"sqlite_path": str(workdir / f"{name}-tokens.db"), **store},
+        },
+    )
     return proxy_process(config, workdir / f"{name}.log").start()
 
 
@@ -109,8 +112,12 @@ async def main(duration_s: float, concurrency: int) -> None:
         body = b"x" * 1024
         # The caller's own token (pass-through) names the location the limiter keys on.
         caller = bearer("benchLocation")
-        load = {"concurrency": concurrency, "duration_s": duration_s, "body": body,
-                "headers": caller}  # fmt: skip
+        load = {
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "body": body,
+            "headers": caller,
+        }
         try:
             results = [
                 await run_load("direct to simulator", f"{simulator.url}/_sim/echo/b", **load),

@@ -78,13 +78,16 @@ async def redis_backend(redis_url: str, keys: Callable[[int], LimitKey]) -> tupl
 async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
     """(MiB of proxy RSS growth, seconds to accept) with COUNT requests queued on one key."""
     simulator = simulator_process(workdir / "sim.log").start()
-    config = write_config(workdir / "queue.yaml", {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"base_url": simulator.url},
-        "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
-        "queue": {"max_wait_ms": 3_600_000},
-        "store": {"sqlite_path": str(workdir / "queue-tokens.db")},
-    })  # fmt: skip
+    config = write_config(
+        workdir / "queue.yaml",
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "upstream": {"base_url": simulator.url},
+            "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
+            "queue": {"max_wait_ms": 3_600_000},
+            "store": {"sqlite_path": str(workdir / "queue-tokens.db")},
+        },
+    )
     proxy = proxy_process(config, workdir / "queue.log").start()
     assert proxy.process is not None
     process = psutil.Process(proxy.process.pid)
@@ -93,8 +96,10 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
     started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(connector=connector, headers=bearer("queueBench")) as http:
-            tasks = [asyncio.create_task(http.get(f"{proxy.url}/_sim/echo/q?i={i}"))
-                     for i in range(COUNT)]  # fmt: skip
+            tasks = [
+                asyncio.create_task(http.get(f"{proxy.url}/_sim/echo/q?i={i}"))
+                for i in range(COUNT)
+            ]
             # Polling another process: there is no event to wait on.
             while len(process.net_connections()) < COUNT and time.perf_counter() - started < 60:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)

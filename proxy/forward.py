@@ -32,6 +32,7 @@ from proxy.config import Config
 from proxy.errors import RateLimited, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import caller_response_headers, upstream_request_headers
 from proxy.limiter.base import Decision
+from proxy.logs import note_for_access_log
 from proxy.resolve import RequestFacts, Resolver, Target
 from proxy.tokens.manager import TokenManager
 
@@ -77,6 +78,13 @@ class Forwarder:
         )
         target = self._resolver.resolve(
             RequestFacts(request.path, request.headers, request.query, body.json_candidate())
+        )
+        note_for_access_log(
+            request,
+            app=target.app_id,
+            resource=target.resource,
+            caller=target.caller,
+            managed=target.passthrough_token is None,
         )
         max_wait_s = self._admission.max_wait_for(request.headers)
         outgoing = Outgoing(
@@ -130,7 +138,11 @@ class Forwarder:
         while True:
             async with self._send(outgoing) as answer:
                 await self._admission.observe(target.key, answer.status, answer.headers)
-                extra = self._admission.answer_headers(decision, time.monotonic() - started)
+                queued_s = time.monotonic() - started
+                extra = self._admission.answer_headers(decision, queued_s)
+                note_for_access_log(
+                    request, queue_ms=round(queued_s * 1000), upstream_status=answer.status
+                )
                 if not self._may_resend(answer, outgoing):
                     return await relay_response(request, answer, extra)
                 body = await answer.read()

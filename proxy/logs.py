@@ -1,7 +1,8 @@
 """Logging setup: one JSON object per line, and the per-request access line.
 
 Query strings are never logged (callers put ids and sometimes secrets there), nor any
-header value: the access line carries method, path, status and durations only.
+header value: the access line carries method, path, status and durations, plus what the
+request path noted on the way (app, resource, caller name, time queued, upstream status).
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+ACCESS_NOTES: web.RequestKey[dict[str, object]] = web.RequestKey("access_notes")
+
+
+def note_for_access_log(request: web.Request, **notes: object) -> None:
+    """Add fields to this request's access line (never a token or a header value)."""
+    if ACCESS_NOTES not in request:
+        request[ACCESS_NOTES] = {}
+    request[ACCESS_NOTES].update(notes)
+
+
+def _notes(request: web.BaseRequest) -> dict[str, object]:
+    notes = request.get(ACCESS_NOTES)
+    return dict(notes) if isinstance(notes, dict) else {}
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path without query, status, milliseconds."""
 
@@ -62,5 +78,6 @@ class AccessLogger(AbstractAccessLogger):
                 "status": response.status,
                 "ms": round(time_s * 1000, 1),
                 "at": round(time.time(), 3),
+                **_notes(request),
             },
         )

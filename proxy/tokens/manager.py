@@ -222,8 +222,12 @@ class TokenManager:
             try:
                 grant = await self.oauth.location_token(company_token, company.id, location_id)
             except TokenEndpointError as exc:
-                log.info("company %s could not mint for location %s: %s", company.id,
-                         location_id, exc.message)  # fmt: skip
+                log.info(
+                    "company %s could not mint for location %s: %s",
+                    company.id,
+                    location_id,
+                    exc.message,
+                )
                 continue
             record = grant.record(app.app_id, now=self._clock())
             stored = await self.store.replace(record)

@@ -178,8 +178,9 @@ class OAuthClient:
                 problem = type(exc).__name__
             if delay is None:
                 break
-            log.warning("token endpoint %s failed (%s), attempt %d; retrying", path, problem,
-                        attempt + 1)  # fmt: skip
+            log.warning(
+                "token endpoint %s failed (%s), attempt %d; retrying", path, problem, attempt + 1
+            )
             await asyncio.sleep(delay)
         raise TokenUnavailable(
             f"The upstream's token endpoint is not answering ({problem}); the stored "

@@ -68,9 +68,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
 ]
 
 FIELDS = (
-    "app", "kind", "id", "access_token", "refresh_token", "expires_at", "refreshed_at", "scope",
-    "user_type", "company_id", "location_id", "user_id", "approved_locations", "version", "status",
-)  # fmt: skip
+    "app",
+    "kind",
+    "id",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "refreshed_at",
+    "scope",
+    "user_type",
+    "company_id",
+    "location_id",
+    "user_id",
+    "approved_locations",
+    "version",
+    "status",
+)
 COLUMNS = ", ".join(FIELDS)
 PLACEHOLDERS = ", ".join("?" for _ in FIELDS)
 WHERE_KEY = "WHERE app = ? AND kind = ? AND id = ?"
@@ -302,8 +315,23 @@ def _write(db: sqlite3.Connection, record: TokenRecord) -> None:
 
 
 def _decode(row: Sequence[Any]) -> TokenRecord:
-    (app, kind, id, access, refresh, expires, refreshed, scope, user_type, company, location,
-     user, approved, version, status) = row  # fmt: skip
+    (
+        app,
+        kind,
+        id,
+        access,
+        refresh,
+        expires,
+        refreshed,
+        scope,
+        user_type,
+        company,
+        location,
+        user,
+        approved,
+        version,
+        status,
+    ) = row
     return TokenRecord(
         app=app,
         kind=kind,

@@ -61,9 +61,12 @@ async def test_every_method_and_body_is_forwarded(simulator, start_proxy, http, 
     proxy = await start_proxy(simulator.url)
     body = json.dumps({"locationId": "loc1", "n": method}).encode()
     seen = await echo(
-        http, f"{proxy.url}/_sim/echo/x", method, data=body,
+        http,
+        f"{proxy.url}/_sim/echo/x",
+        method,
+        data=body,
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     assert seen["method"] == method
     assert seen["body_length"] == len(body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
@@ -88,8 +91,14 @@ async def test_hop_by_hop_and_proxy_headers_stay_behind(simulator, start_proxy, 
         },
     )
     names = {name.lower() for name in seen["headers"]}
-    for gone in ("x-private-hop", "keep-alive", "te", "proxy-authorization",
-                 "x-hoopai-location-id", "x-hoopai-max-wait-ms"):  # fmt: skip
+    for gone in (
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "x-hoopai-location-id",
+        "x-hoopai-max-wait-ms",
+    ):
         assert gone not in names, gone
     assert seen["headers"]["X-Kept"] == "kept"
     assert seen["headers"]["Host"] == URL(simulator.url).raw_authority
@@ -129,9 +138,12 @@ async def test_compressed_request_body_is_not_decompressed(simulator, start_prox
     proxy = await start_proxy(simulator.url)
     body = gzip.compress(b'{"hello": "world"}' * 100)
     seen = await echo(
-        http, f"{proxy.url}/_sim/echo/gz", "POST", data=body,
+        http,
+        f"{proxy.url}/_sim/echo/gz",
+        "POST",
+        data=body,
         headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert seen["headers"]["Content-Encoding"] == "gzip"
 

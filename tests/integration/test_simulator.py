@@ -792,9 +792,20 @@ async def test_cli_announces_its_port_and_serves_until_sigterm(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLI_CODE, "--port", "0", "--burst", "7", "--app", "app9-x:s9",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        CLI_CODE,
+        "--port",
+        "0",
+        "--burst",
+        "7",
+        "--app",
+        "app9-x:s9",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), 15)

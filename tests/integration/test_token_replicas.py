@@ -51,8 +51,10 @@ async def test_refresh_storm_on_three_replicas_refreshes_once(
     statuses = [status for status, _ in results]
     stats = simulator.state.stats()
     ok, dead = statuses.count(200), stats["dead_refresh_token_uses"]
-    print(f"\nstorm, 3 replicas on Redis: {len(statuses)} requests, {ok} ok, "
-          f"{stats['refreshes']} refresh, {dead} dead-token uses")  # fmt: skip
+    print(
+        f"\nstorm, 3 replicas on Redis: {len(statuses)} requests, {ok} ok, "
+        f"{stats['refreshes']} refresh, {dead} dead-token uses"
+    )
     assert statuses == [200] * 900
     assert stats["refreshes"] == 1
     assert stats["dead_refresh_token_uses"] == 0
@@ -85,8 +87,9 @@ async def test_lock_holder_killed_before_the_upstream_rotated(
 ) -> None:
     """The replica refreshing is killed (-9) before the upstream processed its refresh:
     the lock expires, another replica refreshes, and its requests succeed."""
-    holder, other = (spawn_proxy(simulator.url, **shared(redis_server, **FAST_LOCK))
-                     for _ in range(2))  # fmt: skip
+    holder, other = (
+        spawn_proxy(simulator.url, **shared(redis_server, **FAST_LOCK)) for _ in range(2)
+    )
     await install(http, holder.url, simulator)
     simulator.state.expire_tokens(RESOURCE)
     simulator.state.set_faults({"token_accept_delay_ms": 10_000})
@@ -110,8 +113,9 @@ async def test_lock_holder_killed_after_the_upstream_rotated_loses_the_install(
     the new pair was stored: the new pair is lost with the process, the stored refresh token
     is dead, and the next refresh marks the resource for reinstall (401
     reauthorization_required). Nothing can recover this; the README says so."""
-    holder, other = (spawn_proxy(simulator.url, **shared(redis_server, **FAST_LOCK))
-                     for _ in range(2))  # fmt: skip
+    holder, other = (
+        spawn_proxy(simulator.url, **shared(redis_server, **FAST_LOCK)) for _ in range(2)
+    )
     await install(http, holder.url, simulator)
     simulator.state.expire_tokens(RESOURCE)
     simulator.state.set_faults({"token_latency_ms": 10_000})  # rotates, then answers late

@@ -323,9 +323,15 @@ asyncio.run(main())
 async def start_lock_holder(path: Path, ttl_s: float) -> asyncio.subprocess.Process:
     """Another process holding `refresh:shared` in the file at `path`."""
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LOCK_HOLDER, str(path), str(ttl_s),
-        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-c",
+        LOCK_HOLDER,
+        str(path),
+        str(ttl_s),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert holder.stdout is not None
     line = await asyncio.wait_for(holder.stdout.readline(), timeout=30)
     assert line == b"held\n"

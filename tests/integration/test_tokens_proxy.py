@@ -161,16 +161,23 @@ async def test_location_token_minted_once_from_a_company_install(
     even for 50 concurrent first requests; a location not approved gets 404 no_token."""
     proxy = await start_proxy(simulator.url, **ROOMY)
     page = await install(
-        http, proxy.url, simulator, user_type="Company", company_id="co1",
+        http,
+        proxy.url,
+        simulator,
+        user_type="Company",
+        company_id="co1",
         approved_locations=["bulkLoc1", "bulkLoc2"],
-    )  # fmt: skip
+    )
     assert "company co1" in page and "bulkLoc1" in page
     results = await asyncio.gather(
         *(managed(http, proxy.url, location="bulkLoc1", index=i) for i in range(50))
     )
     assert [status for status, _ in results] == [200] * 50
-    assert results[0][1]["auth"] == {"authClass": "Location", "authClassId": "bulkLoc1",
-                                     "client": APP_ID}  # fmt: skip
+    assert results[0][1]["auth"] == {
+        "authClass": "Location",
+        "authClassId": "bulkLoc1",
+        "client": APP_ID,
+    }
     assert simulator.state.stats()["location_tokens_minted"] == 1
     assert (await managed(http, proxy.url, location="otherLoc"))[0] == 404
 

@@ -113,11 +113,13 @@ async def test_bad_deliveries_are_refused_and_change_nothing(
     if case == "wrong app":
         payload["appId"] = "someOtherApp"
     status, body = await deliver(
-        http, proxy.url, payload,
+        http,
+        proxy.url,
+        payload,
         tamper=case == "tampered",
         signer=Ed25519PrivateKey.generate() if case == "other key" else SIGNER,
         app="nope" if case == "unknown app path" else "main",
-    )  # fmt: skip
+    )
     assert (status, body["error"]) == expected
     assert await managed_status(http, proxy.url, "whLoc3") == 200
 

@@ -35,9 +35,14 @@ APP = AppConfig(name="main", client_id="app1-x", client_secret="s")
 
 def record(index: int, *, expires_at: float, refreshed_at: float, **more: object) -> TokenRecord:
     fields: dict[str, object] = {
-        "app": "app1", "kind": "location", "id": f"loc{index}", "access_token": "a",
-        "refresh_token": "r", "expires_at": expires_at, "refreshed_at": refreshed_at,
-    }  # fmt: skip
+        "app": "app1",
+        "kind": "location",
+        "id": f"loc{index}",
+        "access_token": "a",
+        "refresh_token": "r",
+        "expires_at": expires_at,
+        "refreshed_at": refreshed_at,
+    }
     fields.update(more)
     return TokenRecord(**fields)  # type: ignore[arg-type]
 

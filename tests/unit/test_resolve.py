@@ -45,9 +45,13 @@ def jwt(payload: dict[str, Any]) -> str:
 
 
 LOCATION_TOKEN = jwt(
-    {"authClass": "Location", "authClassId": "locFromToken", "sourceId": "6650aaaa-main01",
-     "oauthMeta": {"client": "6650aaaa"}}
-)  # fmt: skip
+    {
+        "authClass": "Location",
+        "authClassId": "locFromToken",
+        "sourceId": "6650aaaa-main01",
+        "oauthMeta": {"client": "6650aaaa"},
+    }
+)
 
 
 def test_header_wins_over_every_other_rule() -> None:
