@@ -166,6 +166,7 @@ def _upstream(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await tokens.aclose(config.tokens.refresh_lock_ttl_s)
 
     return context
 

@@ -86,4 +86,8 @@ class KeepAlive:
                 await self.run_once()
             except ProxyError as exc:  # the store being down must not end the task
                 log.warning("keep-alive pass failed: %s", exc)
+            except Exception:
+                # Anything else (a bad record, a bug) must not end it either: idle refresh
+                # tokens would then age out unnoticed.
+                log.exception("keep-alive pass failed")
             await asyncio.sleep(self._config.keepalive_interval_s)

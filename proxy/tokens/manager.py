@@ -25,13 +25,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from proxy.config import AppConfig, TokensConfig
-from proxy.errors import NoToken, ReauthorizationRequired, TokenUnavailable
+from proxy.errors import (
+    NoToken,
+    ReauthorizationRequired,
+    TokenStoreUnavailable,
+    TokenUnavailable,
+)
 from proxy.tokens.oauth import (
     ClientRejected,
     InvalidGrant,
     LocationInactive,
     OAuthClient,
     TokenEndpointError,
+    TokenGrant,
 )
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
 
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]
 WAIT_POLL_S = 0.05
+LOCK_BUDGET = 0.9  # the share of the lock's lifetime a refresh may take
+STORE_ATTEMPTS = 3
 
 
 class TokenManager:
@@ -102,6 +110,14 @@ class TokenManager:
         self.forget((app_id, kind, resource_id))
         return await self.store.delete(app_id, kind, resource_id)
 
+    async def aclose(self, timeout_s: float) -> None:
+        """Let refreshes under way finish (they may hold the only live pair) before the
+        session and the store close; bounded, so shutdown cannot hang."""
+        pending = list(self._inflight.values())
+        if pending:
+            log.info("waiting for %d token refresh(es) to finish", len(pending))
+            await asyncio.wait(pending, timeout=timeout_s)
+
     def forget(self, key: Key) -> None:
         """Drop a cached record (after an uninstall or a reinstall)."""
         self._cache.pop(key, None)
@@ -159,24 +175,54 @@ class TokenManager:
                 try:
                     return await self._refresh_holding_lock(app, stale)
                 finally:
-                    await self.store.release_lock(name, owner)
+                    await self._release(name, owner)
             if self._clock() > deadline:
                 raise TokenUnavailable(
                     f"Waited too long for another process to refresh {stale.tag}; retry"
                 )
             await asyncio.sleep(WAIT_POLL_S)
 
+    async def _release(self, name: str, owner: str) -> None:
+        """Release a lock; if the store is down it expires by itself, and what was stored
+        under it stands, so the caller should not see an error for it."""
+        try:
+            await self.store.release_lock(name, owner)
+        except TokenStoreUnavailable:
+            log.warning("could not release lock %s; it expires by itself", name)
+
     async def _refresh_holding_lock(self, app: AppConfig, stale: TokenRecord) -> TokenRecord:
         current = await self.store.get(*stale.key)
-        if current is None or current.version != stale.version:
-            # Refreshed (or deleted) between our read and our lock.
-            return current if current is not None else await self._current(app, stale.key)
-        if not current.refresh_token:
-            return await self._remint(app, current)
+        if current is None:
+            raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
+        if current.version != stale.version:
+            return current  # refreshed between our read and our lock
         try:
-            grant = await self.oauth.refresh(app, current.refresh_token, current.user_type)
+            # The lock must outlive the call, or another process could spend the same
+            # refresh token: a call that would outlast it is abandoned while still held.
+            async with asyncio.timeout(self._config.refresh_lock_ttl_s * LOCK_BUDGET):
+                grant = await self._renewed_grant(app, current)
         except InvalidGrant as exc:
             return await self._mark_dead(app, current, exc.message)
+        except TimeoutError as exc:
+            raise TokenUnavailable(
+                f"Refreshing {current.tag} took longer than its lock allows; retry"
+            ) from exc
+        fresh = grant.record(current.app, now=self._clock(), version=current.version + 1)
+        fresh = replace(
+            fresh, approved_locations=fresh.approved_locations or current.approved_locations
+        )
+        return await self._store_renewed(current, fresh)
+
+    async def _renewed_grant(self, app: AppConfig, current: TokenRecord) -> TokenGrant:
+        """A new grant for `current`: refreshed, or minted again when it has no refresh
+        token. Refusals other than invalid_grant become 503 token_unavailable."""
+        try:
+            if current.refresh_token:
+                return await self.oauth.refresh(app, current.refresh_token, current.user_type)
+            company_token = await self.access_token(app, "company", current.company_id)
+            return await self.oauth.location_token(company_token, current.company_id, current.id)
+        except InvalidGrant:
+            raise
         except LocationInactive as exc:
             raise TokenUnavailable(f"{exc.message} ({current.kind} {current.id})") from exc
         except ClientRejected as exc:
@@ -186,21 +232,32 @@ class TokenManager:
             ) from exc
         except TokenEndpointError as exc:
             raise TokenUnavailable(exc.message) from exc
-        now = self._clock()
-        fresh = grant.record(current.app, now=now, version=current.version + 1)
-        fresh = replace(
-            fresh, approved_locations=fresh.approved_locations or current.approved_locations
-        )
-        if not await self.store.compare_and_set(fresh):
-            # Only possible if our lock expired mid-refresh: the pair we hold may be the
-            # only live one, so say so loudly; the stored record wins.
-            log.error("token record %s changed while its refresh lock was held", current.tag)
-            latest = await self.store.get(*current.key)
-            if latest is None:
-                raise TokenUnavailable(f"The token for {current.tag} disappeared")
-            return latest
-        log.info("refreshed token %s (version %d)", current.tag, fresh.version)
-        return fresh
+
+    async def _store_renewed(self, current: TokenRecord, fresh: TokenRecord) -> TokenRecord:
+        """Store the new pair: it may be the only live one, so a store blip is retried
+        (the lock is still held) and a record wrongly marked dead is overwritten."""
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                if await self.store.compare_and_set(fresh):
+                    log.info("refreshed token %s (version %d)", current.tag, fresh.version)
+                    return fresh
+                break
+            except TokenStoreUnavailable:
+                if attempt == STORE_ATTEMPTS - 1:
+                    log.error("could not store the new pair of %s: it is lost", current.tag)
+                    raise
+                await asyncio.sleep(0.2)
+        latest = await self.store.get(*current.key)
+        if latest is None:
+            raise NoToken(f"The token for {current.kind} {current.id} was deleted")
+        if latest.status == NEEDS_REAUTH and latest.refresh_token == current.refresh_token:
+            # Someone holding our old refresh token saw it refused because we spent it:
+            # our pair is the live one.
+            revived = replace(fresh, version=latest.version + 1)
+            if await self.store.compare_and_set(revived):
+                return revived
+        log.error("token record %s changed while its refresh lock was held", current.tag)
+        return latest
 
     async def _mark_dead(self, app: AppConfig, failed: TokenRecord, reason: str) -> TokenRecord:
         latest = await self.store.get(*failed.key)
@@ -238,16 +295,6 @@ class TokenManager:
             "installed Company approves it: install the app there (open "
             f"/_proxy/oauth/start?app={app.name})"
         )
-
-    async def _remint(self, app: AppConfig, current: TokenRecord) -> TokenRecord:
-        """A minted Location token without a refresh token: mint it again."""
-        company_token = await self.access_token(app, "company", current.company_id)
-        grant = await self.oauth.location_token(company_token, current.company_id, current.id)
-        fresh = grant.record(current.app, now=self._clock(), version=current.version + 1)
-        if not await self.store.compare_and_set(fresh):
-            latest = await self.store.get(*current.key)
-            return latest if latest is not None else fresh
-        return fresh
 
     async def _approving_companies(self, app: AppConfig, location_id: str) -> list[TokenRecord]:
         companies = [

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.app import CONFIG, TOKENS
+from proxy.errors import NoToken
 from proxy.tokens.keepalive import KeepAlive
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.leaks import leaked
@@ -237,3 +238,28 @@ async def test_token_endpoint_down_keeps_the_old_token(simulator, start_proxy, h
     assert await manager.store.get(APP_ID, "location", LOCATION) == before
     manager.oauth._base_url = working_base
     assert (await managed(http, proxy.url))[0] == 200
+
+
+async def test_refresh_of_a_deleted_record_ends_at_once(simulator, start_proxy, http) -> None:
+    """A record deleted while a refresh is due: the refresh ends with no_token, it does not
+    wait on itself, and later requests are not stuck behind it."""
+    proxy = await start_proxy(simulator.url, **ROOMY)
+    await install(http, proxy.url, simulator, location_id=LOCATION)
+    manager = proxy.runner.app[TOKENS]
+    stale = await manager.store.get(APP_ID, "location", LOCATION)
+    await manager.store.delete(APP_ID, "location", LOCATION)
+    app = proxy.runner.app[CONFIG].apps[0]
+    with pytest.raises(NoToken):
+        await asyncio.wait_for(manager.refresh_now(app, stale), timeout=5)
+    manager.forget(stale.key)  # as an uninstall would; another replica's cache may lag
+    status, body = await asyncio.wait_for(managed(http, proxy.url), timeout=5)
+    assert status == 404 and body["error"] == "no_token"
+
+
+async def test_max_wait_header_with_non_ascii_digits_is_a_400(simulator, start_proxy, http) -> None:
+    """'²' is a digit to Python but not a number of milliseconds: 400, not 500."""
+    proxy = await start_proxy(simulator.url, **ROOMY)
+    await install(http, proxy.url, simulator, location_id=LOCATION)
+    headers = {"X-HoopAI-Location-Id": LOCATION, "X-HoopAI-Max-Wait-Ms": "²"}
+    async with http.get(f"{proxy.url}/contacts/", headers=headers) as answer:
+        assert answer.status == 400
