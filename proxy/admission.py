@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from multidict import CIMultiDictProxy
 
 from proxy.config import LimitsConfig, QueueConfig
-from proxy.errors import BadRequest, RateLimited
+from proxy.errors import BadRequest, LimiterUnavailable, RateLimited
 from proxy.headers import (
     UPSTREAM_BURST_MAX,
     UPSTREAM_BURST_REMAINING,
@@ -96,7 +96,7 @@ class Admission:
         asked = headers.get(MAX_WAIT_HEADER)
         if asked is None:
             return self._max_wait_s
-        if not asked.strip().isdigit():
+        if not (asked.strip().isascii() and asked.strip().isdigit()):
             raise BadRequest(
                 f"{MAX_WAIT_HEADER} must be a whole number of milliseconds (0 = never wait), "
                 f"got {asked[:40]!r}"
@@ -105,9 +105,16 @@ class Admission:
 
     async def admit(self, key: LimitKey, max_wait_s: float) -> Decision:
         """Wait for `key`'s next slot and return the decision, or raise RateLimited."""
-        decision = await self.limiter.acquire(
-            key, self.limits, self.today(), max_wait_s, shadow=self.shadow
-        )
+        try:
+            decision = await self.limiter.acquire(
+                key, self.limits, self.today(), max_wait_s, shadow=self.shadow
+            )
+        except LimiterUnavailable:
+            if not self.shadow:
+                raise
+            # Shadow mode never holds or refuses, not even when it cannot decide.
+            log.warning("shadow: limiter unavailable, %s sent undecided", key.tag)
+            return self._undecided()
         if not decision.admitted:
             raise RateLimited(
                 self._refusal_message(key, decision, max_wait_s),
@@ -134,9 +141,22 @@ class Admission:
         )
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.
-            await self.limiter.observe(key, self.limits, self.today(), 0, daily, urgent=True)
+            await self.limiter.observe(key, self.limits, self.today(), 0, daily, pause=True)
         elif burst is not None or daily is not None:
             await self.limiter.observe(key, self.limits, self.today(), burst, daily)
+
+    def _undecided(self) -> Decision:
+        day = self.today()
+        return Decision(
+            admitted=True,
+            wait_s=0.0,
+            retry_after_s=0.0,
+            limited_by="",
+            burst_remaining=self.limits.burst,
+            burst_reset_s=0.0,
+            daily_remaining=self.limits.daily,
+            daily_reset_s=day.ends_in_s,
+        )
 
     def answer_headers(self, decision: Decision, queued_s: float) -> Mapping[str, str]:
         """Headers added to every forwarded answer: the proxy's view and the time held."""

@@ -26,6 +26,9 @@ class RequestBody:
     prefix: bytes
     max_bytes: int
     present: bool
+    # Set when the streamed rest turned out too large: the upstream send then fails, and
+    # the caller must hear 413, not that the upstream broke.
+    too_large: bool = False
 
     @property
     def replayable(self) -> bool:
@@ -51,6 +54,7 @@ class RequestBody:
         async for chunk in self.request.content.iter_chunked(CHUNK_BYTES):
             sent += len(chunk)
             if sent > self.max_bytes:
+                self.too_large = True
                 raise BodyTooLarge(too_large_message(self.max_bytes))
             yield chunk
 

@@ -377,6 +377,7 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _unique(config.callers, "callers", "key_sha256", secret=True)
     _check_admin_token(config.admin)
     _check_lock_outlives_refresh(config)
+    _check_workers_share_limits(config)
     _check_webhook_keys(config.webhooks)
     return config
 
@@ -500,6 +501,15 @@ def _check_webhook_keys(webhooks: WebhooksConfig) -> None:
         WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
     except WebhookKeyError as exc:
         raise ConfigError(f"webhooks.{exc.which}_public_key", exc.reason) from exc
+
+
+def _check_workers_share_limits(config: Config) -> None:
+    if config.server.workers > 1 and not config.store.redis_url:
+        raise ConfigError(
+            "server.workers",
+            f"must be 1 without store.redis_url: each of {config.server.workers} processes "
+            "would enforce the full limits on its own; set store.redis_url to share them",
+        )
 
 
 def _check_lock_outlives_refresh(config: Config) -> None:

@@ -27,9 +27,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.admission import Admission
-from proxy.body import CHUNK_BYTES, RequestBody, read_body
+from proxy.body import CHUNK_BYTES, RequestBody, read_body, too_large_message
 from proxy.config import Config
-from proxy.errors import RateLimited, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BodyTooLarge, RateLimited, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import caller_response_headers, upstream_request_headers
 from proxy.limiter.base import Decision
 from proxy.logs import note_for_access_log
@@ -92,9 +92,11 @@ class Forwarder:
         )
         if target.passthrough_token is None:
             await self._use_managed_token(outgoing, target)
-        decision = await self._admission.admit(target.key, max_wait_s)
+        deadline = started + max_wait_s
+        # Time spent getting the token counts against the caller's wait.
+        decision = await self._admission.admit(target.key, max(0.0, deadline - time.monotonic()))
         return await self._send_and_relay(
-            request, outgoing, target, decision, deadline=started + max_wait_s, started=started
+            request, outgoing, target, decision, deadline=deadline, started=started
         )
 
     def upstream_url(self, request: web.Request) -> URL:
@@ -205,6 +207,8 @@ class Forwarder:
                 f"The upstream did not answer {method} {url.path} in time"
             ) from exc
         except aiohttp.ClientError as exc:
+            if outgoing.body.too_large:
+                raise BodyTooLarge(too_large_message(outgoing.body.max_bytes)) from exc
             raise UpstreamUnreachable(
                 f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
             ) from exc

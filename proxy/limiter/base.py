@@ -92,12 +92,12 @@ class Limiter(Protocol):
         burst_remaining: int | None,
         daily_remaining: int | None,
         *,
-        urgent: bool = False,
+        pause: bool = False,
     ) -> None:
         """Lower the key's state to the upstream's counts when they say fewer remain.
 
-        A backend may apply this with the key's next decision; `urgent` (an upstream 429,
-        which must pause every replica now) applies it at once.
+        A backend may apply this with the key's next decision. `pause` (an upstream 429)
+        takes the key's whole window from now, for every replica, at once.
         """
         ...
 

@@ -75,19 +75,24 @@ class FallbackLimiter:
         burst_remaining: int | None,
         daily_remaining: int | None,
         *,
-        urgent: bool = False,
+        pause: bool = False,
     ) -> None:
         if not self._skip_shared():
             try:
                 await self._shared.observe(
-                    key, limits, day, burst_remaining, daily_remaining, urgent=urgent
+                    key, limits, day, burst_remaining, daily_remaining, pause=pause
                 )
                 return
             except LimiterUnavailable as exc:
                 self._went_down(exc)
         if self._share is not None:
             await self._local.observe(
-                key, limits.scaled(self._share), day, burst_remaining, daily_remaining
+                key,
+                limits.scaled(self._share),
+                day,
+                burst_remaining,
+                daily_remaining,
+                pause=pause,
             )
 
     async def close(self) -> None:
@@ -95,10 +100,15 @@ class FallbackLimiter:
         await self._local.close()
 
     def _skip_shared(self) -> bool:
-        """While down, try the shared limiter again only every `retry_after_s`."""
+        """While down, try the shared limiter again only every `retry_after_s`, and with
+        one request: the others keep deciding locally until that probe has answered."""
         if self._down_until is None:
             return False
-        return self._clock() < self._down_until
+        now = self._clock()
+        if now < self._down_until:
+            return True
+        self._down_until = now + self._retry_after_s  # this caller probes; others wait
+        return False
 
     def _went_down(self, exc: LimiterUnavailable) -> None:
         if self._down_until is None:

@@ -40,10 +40,12 @@ class MemoryLimiter:
         burst_remaining: int | None,
         daily_remaining: int | None,
         *,
-        urgent: bool = False,
+        pause: bool = False,
     ) -> None:
         state = self._states.setdefault(key, slots.KeyState())
-        slots.observe(state, limits, day, self._clock(), burst_remaining, daily_remaining)
+        slots.observe(
+            state, limits, day, self._clock(), burst_remaining, daily_remaining, pause=pause
+        )
 
     async def close(self) -> None:
         self._states.clear()

@@ -45,6 +45,7 @@ class _Seen:
 
     burst_remaining: int
     daily_remaining: int
+    day_id: str  # a daily count said yesterday is not today's
     at: float
 
 
@@ -85,16 +86,17 @@ class RedisLimiter:
         burst_remaining: int | None,
         daily_remaining: int | None,
         *,
-        urgent: bool = False,
+        pause: bool = False,
     ) -> None:
         seen = _Seen(
             burst_remaining=NOT_SEEN if burst_remaining is None else max(0, burst_remaining),
             daily_remaining=NOT_SEEN if daily_remaining is None else max(0, daily_remaining),
+            day_id=day.id,
             at=self._now(),
         )
-        if urgent:
+        if pause:
             self._seen.pop(key, None)
-            await self._call("observe", key, limits, day, 0.0, False, seen)
+            await self._call("pause", key, limits, day, 0.0, False, seen)
         else:
             self._seen[key] = seen
 
@@ -121,7 +123,7 @@ class RedisLimiter:
             _us(max_wait_s),
             "1" if shadow else "0",
             NOT_SEEN if seen is None else seen.burst_remaining,
-            NOT_SEEN if seen is None else seen.daily_remaining,
+            NOT_SEEN if seen is None or seen.day_id != day.id else seen.daily_remaining,
             0 if seen is None else max(0, _us(self._now() - seen.at)),
         ]
         if self._clock is not None:

@@ -107,16 +107,21 @@ def observe(
     now: float,
     burst_remaining: int | None,
     daily_remaining: int | None,
+    *,
+    pause: bool = False,
 ) -> None:
     """Believe the upstream when it says fewer remain than this state thinks.
 
     Requests the upstream counted that this state does not know of (traffic that bypassed
-    the proxy) become slots at `now`, so they hold the window for W from now. An upstream
-    429 is `burst_remaining=0`: the whole window is held.
+    the proxy) become slots at `now`, so they hold the window for W from now. `pause` (an
+    upstream 429) fills the window at `now`: no slot before now + W + pad.
     """
+    if pause:
+        burst_remaining = 0
     if burst_remaining is not None:
         sent = sum(1 for slot in state.slots if now - limits.window_s < slot <= now)
-        unknown = min(limits.burst, (limits.burst - max(0, burst_remaining)) - sent)
+        counted = limits.burst if pause else (limits.burst - max(0, burst_remaining)) - sent
+        unknown = min(limits.burst, counted)
         if unknown > 0:
             state.slots.extend([now] * unknown)
             state.slots.sort()

@@ -55,3 +55,17 @@ async def test_reject_while_down(redis_server: RedisServer, client) -> None:
         await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert raised.value.status == 503
     assert "on_redis_error" in raised.value.message
+
+
+async def test_shadow_mode_sends_even_when_it_cannot_decide(
+    redis_server: RedisServer, client
+) -> None:
+    """Shadow mode with on_redis_error reject and Redis down: admitted, never a 503."""
+    from proxy.admission import Admission
+    from proxy.config import LimitsConfig, QueueConfig
+
+    limiter = FallbackLimiter(RedisLimiter(client), local_share=None)
+    admission = Admission(limiter, LimitsConfig(mode="shadow"), QueueConfig())
+    redis_server.stop(kill=True)
+    decision = await admission.admit(KEY, 0)
+    assert decision.admitted and decision.wait_s == 0

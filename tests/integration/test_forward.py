@@ -235,3 +235,18 @@ async def test_many_concurrent_callers_each_get_their_own_answer(
         assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
 
     await asyncio.gather(*(one(i) for i in range(300)))
+
+
+async def test_streamed_body_over_the_limit_is_413(simulator, start_proxy, http) -> None:
+    """A chunked upload that grows past server.max_body_bytes is a 413, not a 502."""
+    proxy = await start_proxy(
+        simulator.url, server={"max_body_bytes": 300_000, "replay_body_bytes": 1000}
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 64 * 1024
+
+    async with http.post(f"{proxy.url}/_sim/echo/big", data=chunks()) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "body_too_large"

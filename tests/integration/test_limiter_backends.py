@@ -282,3 +282,23 @@ async def test_upstream_counts_hold_from_when_they_were_said(make_limiter) -> No
     refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert not refused.admitted
     assert refused.retry_after_s == pytest.approx(0.6)
+
+
+async def test_upstream_429_takes_the_whole_window_from_now(make_limiter) -> None:
+    """A pause (upstream 429) holds every slot until now + W + pad, whatever was sent."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    for _ in range(3):
+        await limiter.acquire(KEY, SMALL, TODAY, 0)
+    clock.advance(0.5)
+    await limiter.observe(KEY, SMALL, TODAY, 0, None, pause=True)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s == pytest.approx(1.1)
+
+
+async def test_yesterdays_daily_count_does_not_carry_over(make_limiter) -> None:
+    """A daily count the upstream gave yesterday is not applied to today's counter."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    yesterday = Day(id="2027-01-14", ends_in_s=1.0)
+    await limiter.observe(KEY, SMALL, yesterday, None, daily_remaining=10)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == SMALL.daily - 1

@@ -106,9 +106,10 @@ async def test_sigterm_drains_in_flight_requests(simulator, spawn_proxy, http) -
     assert proxy.stop() == 0
 
 
-async def test_several_workers_share_one_port(simulator, spawn_proxy, http) -> None:
-    """`server.workers: 3` serves from three processes on one port and stops cleanly."""
-    proxy = spawn_proxy(simulator.url, server={"workers": 3})
+async def test_several_workers_share_one_port(simulator, spawn_proxy, redis_server, http) -> None:
+    """`server.workers: 3` (with Redis, which they need to share limits) serves from three
+    processes on one port and stops cleanly."""
+    proxy = spawn_proxy(simulator.url, server={"workers": 3}, store={"redis_url": redis_server.url})
     assert proxy.process is not None
     workers = psutil.Process(proxy.process.pid).children()
     assert len(workers) == 3

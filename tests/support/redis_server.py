@@ -62,16 +62,24 @@ class RedisServer:
             self.port = free_port()
         args = [
             redis_server_binary(),
-            "--port", str(self.port if self.tcp else 0),
-            "--bind", "127.0.0.1",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "no",
-            "--logfile", str(self.workdir / "redis.log"),
+            "--port",
+            str(self.port if self.tcp else 0),
+            "--bind",
+            "127.0.0.1",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(self.workdir / "redis.log"),
             *self.extra_args,
-        ]  # fmt: skip
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready(timeout_s)
         return self

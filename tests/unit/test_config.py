@@ -667,3 +667,12 @@ def test_redis_cluster_flag_from_the_environment() -> None:
     document = doc(store={"redis_cluster": "${CLUSTER:-false}"})
     assert parse_config(document, {"CLUSTER": "true"}).store.redis_cluster is True
     assert parse_config(document, {}).store.redis_cluster is False
+
+
+def test_several_workers_need_redis_to_share_limits() -> None:
+    """workers > 1 without Redis would multiply the limits: refused, naming the key."""
+    assert error(doc(server={"workers": 2})).startswith(
+        "server.workers: must be 1 without store.redis_url"
+    )
+    document = doc(server={"workers": 2}, store={"redis_url": "redis://localhost:6379/0"})
+    assert parse_config(document, {}).server.workers == 2

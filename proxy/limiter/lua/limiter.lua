@@ -1,7 +1,8 @@
 -- The limiter for one key, atomically: the same steps as proxy/limiter/slots.py.
 -- KEYS[1]: the key's reserved slot times, a list of integer microseconds, ascending
 -- KEYS[2]: the key's request count for the current limit day
--- ARGV[1]  op: "acquire" (decide) or "observe" (only apply the upstream's counts)
+-- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts) or
+--          "pause" (an upstream 429: take the whole window from now)
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
 -- ARGV[7..8] max_wait_us, shadow ("1" or "0")                        (acquire)
 -- ARGV[9..11] upstream burst remaining, daily remaining (-1: none), and how many us ago
@@ -28,6 +29,7 @@ if now == nil then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local hold = window + pad
+local pause = op == "pause"
 local day_ttl_ms = math.ceil(day_ends_in / 1000) + 3600000
 
 local function by_number(a, b) return tonumber(a) < tonumber(b) end
@@ -52,6 +54,7 @@ local function observe(at)
       if slot > at - window and slot <= at then sent = sent + 1 end
     end
     local unknown = math.min(burst, (burst - seen_burst) - sent)
+    if pause then unknown = burst end
     if unknown > 0 then
       for _ = 1, unknown do table.insert(slots, at) end
       store(slots)
@@ -80,7 +83,7 @@ local function burst_view(slots)
 end
 
 observe(now - seen_age)
-if op == "observe" then return 1 end
+if op ~= "acquire" then return 1 end
 
 local count = tonumber(redis.call("GET", KEYS[2]) or "0")
 local slots = redis.call("LRANGE", KEYS[1], -burst, -1)
