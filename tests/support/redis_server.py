@@ -60,26 +60,18 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.tcp and not self.port:
             self.port = free_port()
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port if self.tcp else 0),
-            "--bind",
-            "127.0.0.1",
-            "--unixsocket",
-            str(self.socket_path),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(self.workdir / "redis.log"),
-            *self.extra_args,
-        ]
+        options = {
+            "--port": str(self.port if self.tcp else 0),
+            "--bind": "127.0.0.1",
+            "--unixsocket": str(self.socket_path),
+            "--unixsocketperm": "700",
+            "--dir": str(self.workdir),
+            "--save": "",
+            "--appendonly": "no",
+            "--logfile": str(self.workdir / "redis.log"),
+        }
+        flags = [part for option in options.items() for part in option]
+        args = [redis_server_binary(), *flags, *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_ready(timeout_s)
         return self
