@@ -131,8 +131,16 @@ class Admission:
             await asyncio.sleep(decision.wait_s)
         return decision
 
-    async def observe(self, key: LimitKey, status: int, headers: Headers) -> None:
-        """Tell the limiter what the upstream's answer says of the key's limits."""
+    async def observe(
+        self, key: LimitKey, status: int, headers: Headers, decision: Decision
+    ) -> None:
+        """Tell the limiter what the upstream's answer says of the key's limits.
+
+        `decision` is what the limiter said when this request was admitted. The upstream
+        saying fewer remain than that means traffic the limiter never saw (it bypassed the
+        proxy): every replica must know at once. Otherwise the counts may ride along with
+        the key's next decision, which costs no extra round trip.
+        """
         burst = _on_our_scale(
             headers, UPSTREAM_BURST_REMAINING, UPSTREAM_BURST_MAX, self.limits.burst
         )
@@ -143,7 +151,12 @@ class Admission:
             # Not processed upstream: the whole window is taken, for every replica, now.
             await self.limiter.observe(key, self.limits, self.today(), 0, daily, pause=True)
         elif burst is not None or daily is not None:
-            await self.limiter.observe(key, self.limits, self.today(), burst, daily)
+            surprising = (burst is not None and burst < decision.burst_remaining) or (
+                daily is not None and daily < decision.daily_remaining
+            )
+            await self.limiter.observe(
+                key, self.limits, self.today(), burst, daily, at_once=surprising
+            )
 
     def _undecided(self) -> Decision:
         day = self.today()

@@ -139,7 +139,7 @@ class Forwarder:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
             async with self._send(outgoing) as answer:
-                await self._admission.observe(target.key, answer.status, answer.headers)
+                await self._admission.observe(target.key, answer.status, answer.headers, decision)
                 queued_s = time.monotonic() - started
                 extra = self._admission.answer_headers(decision, queued_s)
                 note_for_access_log(

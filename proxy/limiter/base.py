@@ -93,11 +93,13 @@ class Limiter(Protocol):
         daily_remaining: int | None,
         *,
         pause: bool = False,
+        at_once: bool = False,
     ) -> None:
         """Lower the key's state to the upstream's counts when they say fewer remain.
 
-        A backend may apply this with the key's next decision. `pause` (an upstream 429)
-        takes the key's whole window from now, for every replica, at once.
+        A backend may apply this with the key's next decision, unless `at_once` (the counts
+        show traffic the limiter never saw, which every replica must know now). `pause`
+        (an upstream 429) takes the key's whole window from now, for every replica, at once.
         """
         ...
 

@@ -76,11 +76,18 @@ class FallbackLimiter:
         daily_remaining: int | None,
         *,
         pause: bool = False,
+        at_once: bool = False,
     ) -> None:
         if not self._skip_shared():
             try:
                 await self._shared.observe(
-                    key, limits, day, burst_remaining, daily_remaining, pause=pause
+                    key,
+                    limits,
+                    day,
+                    burst_remaining,
+                    daily_remaining,
+                    pause=pause,
+                    at_once=at_once,
                 )
                 return
             except LimiterUnavailable as exc:

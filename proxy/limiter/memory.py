@@ -41,6 +41,7 @@ class MemoryLimiter:
         daily_remaining: int | None,
         *,
         pause: bool = False,
+        at_once: bool = False,
     ) -> None:
         state = self._states.setdefault(key, slots.KeyState())
         slots.observe(

@@ -6,8 +6,9 @@ wait on its own monotonic clock. Both keys of a resource carry the hash tag
 `{app:kind:id}`, so a cluster keeps them in one slot and the script may touch both.
 
 What the upstream's headers say is applied inside the next decision for the same key
-(with its age, so it counts as of when it was said): one round trip per request. Only an
-upstream 429 is sent at once, because every replica must pause now.
+(with its age, so it counts as of when it was said): one round trip per request. An
+upstream 429, and counts that reveal traffic the proxy never saw, are written at once,
+because every replica must know now.
 
 Redis errors are translated here, at one boundary, into `LimiterUnavailable`; nothing
 above this module sees a redis-py type.
@@ -87,6 +88,7 @@ class RedisLimiter:
         daily_remaining: int | None,
         *,
         pause: bool = False,
+        at_once: bool = False,
     ) -> None:
         seen = _Seen(
             burst_remaining=NOT_SEEN if burst_remaining is None else max(0, burst_remaining),
@@ -94,9 +96,9 @@ class RedisLimiter:
             day_id=day.id,
             at=self._now(),
         )
-        if pause:
+        if pause or at_once:
             self._seen.pop(key, None)
-            await self._call("pause", key, limits, day, 0.0, False, seen)
+            await self._call("pause" if pause else "observe", key, limits, day, 0.0, False, seen)
         else:
             self._seen[key] = seen
 

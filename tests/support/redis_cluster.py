@@ -64,12 +64,16 @@ class RedisCluster:
                     tcp=True,
                     port=port,
                     extra_args=(
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", str(self.workdir / f"nodes-{port}.conf"),
-                        "--cluster-port", str(bus),
-                        "--cluster-node-timeout", "5000",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(self.workdir / f"nodes-{port}.conf"),
+                        "--cluster-port",
+                        str(bus),
+                        "--cluster-node-timeout",
+                        "5000",
                     ),
-                )  # fmt: skip
+                )
                 self.nodes.append(node.start())
             self._create(timeout_s)
             self._wait_ok(timeout_s)
@@ -81,12 +85,19 @@ class RedisCluster:
     def _create(self, timeout_s: float) -> None:
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
         done = subprocess.run(
-            [_redis_cli(), "--cluster", "create", *addresses,
-             "--cluster-replicas", "0", "--cluster-yes"],
+            [
+                _redis_cli(),
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
             capture_output=True,
             timeout=timeout_s,
             check=False,
-        )  # fmt: skip
+        )
         if done.returncode != 0:
             raise RuntimeError(
                 f"redis-cli --cluster create failed ({done.returncode}): "
