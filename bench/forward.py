@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -24,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import LoadResult, run_load  # noqa: E402
+from bench.results import machine, write_section  # noqa: E402
 from tests.support.processes import (  # noqa: E402
     ServiceProcess,
     proxy_process,
@@ -33,7 +32,6 @@ from tests.support.processes import (  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.tokens import bearer  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Forwarding: direct, memory limiter, Redis limiter"
 # The real burst size (the slot list a decision reads is 100 long) over a 1 ms window, so
 # the limiter does its real work per request but never holds one back.
@@ -41,10 +39,6 @@ UNLIMITED = {
     "burst": {"requests": 100, "interval_ms": 1, "pad_ms": 0},
     "daily": {"requests": 1_000_000_000},
 }
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def table(results: list[LoadResult], concurrency: int) -> str:
@@ -64,14 +58,6 @@ def table(results: list[LoadResult], concurrency: int) -> str:
             f"| {r.statuses} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    head, found, rest = existing.partition(SECTION)
-    tail = rest[rest.find("\n## ") :] if found and "\n## " in rest else ""
-    RESULTS.write_text(head.rstrip() + "\n\n" + text + tail)
 
 
 def start_proxy(workdir: Path, name: str, upstream: str, **store: str) -> ServiceProcess:
@@ -136,7 +122,7 @@ async def main(duration_s: float, concurrency: int) -> None:
         f"\nRedis script calls per forwarded request (Redis limiter): {round_trips:.3f}\n"
     )
     print(text)
-    write_section(text)
+    write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.forward import machine, write_section  # noqa: E402
+from bench.results import machine, write_section  # noqa: E402
 from proxy.limiter.base import Day, Limiter, LimitKey, Limits  # noqa: E402
 from proxy.limiter.memory import MemoryLimiter  # noqa: E402
 from proxy.limiter.redis import RedisLimiter  # noqa: E402
@@ -154,7 +154,7 @@ async def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(text)
+    write_section(SECTION, text)
 
 
 if __name__ == "__main__":
