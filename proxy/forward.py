@@ -165,7 +165,11 @@ class Forwarder:
                 )
             except RateLimited:
                 log.info("no slot before the deadline to resend %s", target.key.tag)
-                return buffered_response(answer, body, extra)
+                if reason == "rate_limited":
+                    return buffered_response(answer, body, extra)
+                # A 401 the proxy would have cured by resending is not the caller's answer:
+                # the truth is that no slot was free for the resend.
+                raise
             log.info("resending a request for %s after %s", target.key.tag, reason)
 
     def _may_resend(self, answer: aiohttp.ClientResponse, outgoing: Outgoing) -> bool:
