@@ -22,7 +22,13 @@ from redis.exceptions import RedisError
 
 from proxy.admission import Admission
 from proxy.config import Config, UpstreamConfig
-from proxy.errors import BadRequest, NotFound, RequestError, error_response
+from proxy.errors import (
+    BadRequest,
+    NotFound,
+    RequestError,
+    TokenStoreUnavailable,
+    error_response,
+)
 from proxy.forward import Forwarder
 from proxy.limiter.base import Limiter
 from proxy.limiter.fallback import FallbackLimiter
@@ -202,15 +208,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: Redis (when configured) answers a PING."""
-    client = request.app[REDIS]
+    """Ready: Redis (when configured) answers a PING and the token store can be read."""
+    checks = {"redis": await _redis_check(request.app[REDIS]), "token_store": "ok"}
+    try:
+        await request.app[TOKEN_STORE].get("readyz", "location", "readyz")
+    except TokenStoreUnavailable as exc:
+        checks["token_store"] = exc.message
+    ready = all(value in ("ok", "not configured") for value in checks.values())
+    return web.json_response(
+        {"status": "ok" if ready else "unavailable", **checks}, status=200 if ready else 503
+    )
+
+
+async def _redis_check(client: RedisClient | None) -> str:
     if client is None:
-        return web.json_response({"status": "ok", "redis": "not configured"})
+        return "not configured"
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
-        return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ok", "redis": "ok"})
+        return type(exc).__name__
+    return "ok"
 
 
 async def unknown_proxy_path(request: web.Request) -> web.Response:
