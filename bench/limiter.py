@@ -82,6 +82,7 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
         workdir / "queue.yaml",
         {
             "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
             "upstream": {"base_url": simulator.url},
             "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
             "queue": {"max_wait_ms": 3_600_000},

@@ -30,6 +30,8 @@ from proxy.headers import (
 )
 from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits
 from proxy.limiter.days import day_at
+from proxy.metrics import Metrics
+from proxy.status import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,17 @@ def _on_our_scale(headers: Headers, remaining: str, limit: str, ours: int) -> in
     return max(0, ours - used)
 
 
+def _outcome(decision: Decision, shadow: bool) -> str:
+    """The metrics label of a decision."""
+    if shadow:
+        if decision.limited_by:
+            return "shadow_would_refuse"
+        return "shadow_would_queue" if decision.wait_s > 0 else "sent"
+    if not decision.admitted:
+        return f"refused_{decision.limited_by}"
+    return "queued" if decision.wait_s > 0 else "sent"
+
+
 class Admission:
     """The limiter applied to one proxy's config."""
 
@@ -78,9 +91,12 @@ class Admission:
         limits: LimitsConfig,
         queue: QueueConfig,
         *,
+        metrics: Metrics | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.limiter = limiter
+        self.metrics = metrics or Metrics()
+        self.board = StatusBoard(clock=wall_clock)
         self.limits = limits_from(limits)
         self.shadow = limits.mode == "shadow"
         self._zone = limits.daily.zone
@@ -114,7 +130,10 @@ class Admission:
                 raise
             # Shadow mode never holds or refuses, not even when it cannot decide.
             log.warning("shadow: limiter unavailable, %s sent undecided", key.tag)
+            self.metrics.decisions.labels("undecided").inc()
             return self._undecided()
+        self.board.decided(key, decision)
+        self.metrics.decisions.labels(_outcome(decision, self.shadow)).inc()
         if not decision.admitted:
             raise RateLimited(
                 self._refusal_message(key, decision, max_wait_s),
@@ -127,9 +146,19 @@ class Admission:
                 )
             return decision
         if decision.wait_s > 0:
-            # Cancelled here if the caller goes away: the task ends, nothing is sent.
-            await asyncio.sleep(decision.wait_s)
+            await self._hold(key, decision.wait_s)
+        self.metrics.queue_seconds.observe(decision.wait_s)
         return decision
+
+    async def _hold(self, key: LimitKey, wait_s: float) -> None:
+        """Sleep until the slot; cancelled here if the caller goes away (nothing is sent)."""
+        self.metrics.waiting.inc()
+        self.board.waiting(key, +1)
+        try:
+            await asyncio.sleep(wait_s)
+        finally:
+            self.metrics.waiting.dec()
+            self.board.waiting(key, -1)
 
     async def observe(
         self, key: LimitKey, status: int, headers: Headers, decision: Decision
@@ -147,6 +176,7 @@ class Admission:
         daily = _on_our_scale(
             headers, UPSTREAM_DAILY_REMAINING, UPSTREAM_DAILY_LIMIT, self.limits.daily
         )
+        self.board.answered(key, headers)
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.
             await self.limiter.observe(key, self.limits, self.today(), 0, daily, pause=True)

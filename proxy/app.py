@@ -34,6 +34,7 @@ from proxy.limiter.base import Limiter
 from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.metrics import Metrics
 from proxy.redis_client import open_redis
 from proxy.resolve import Resolver
 from proxy.tokens.deliveries import WebhookReceiver
@@ -54,6 +55,8 @@ TOKEN_STORE = web.AppKey("token_store", TokenStore)
 TOKENS = web.AppKey("tokens", TokenManager)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 INSTALL = web.AppKey("install", InstallFlow)
+METRICS = web.AppKey("metrics", Metrics)
+ADMISSION = web.AppKey("admission", Admission)
 WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -69,6 +72,7 @@ def create_app(
     """
     app = web.Application(middlewares=[answer_errors_as_json])
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_token_store)
@@ -129,6 +133,8 @@ def choose_limiter(config: Config, client: Redis | RedisCluster | None) -> Limit
 async def _limiter(app: web.Application) -> AsyncIterator[None]:
     limiter = choose_limiter(app[CONFIG], app[REDIS])
     app[LIMITER] = limiter
+    if isinstance(limiter, FallbackLimiter):
+        app[METRICS].watch_degraded(lambda: limiter.degraded)
     yield
     await limiter.close()
 
@@ -150,8 +156,14 @@ def _upstream(
         apps_by_id = {app_config.app_id: app_config for app_config in config.apps}
         async with upstream_session(config.upstream) as session:
             oauth = OAuthClient(session, config.upstream.base_url, clock=clock)
-            tokens = TokenManager(app[TOKEN_STORE], oauth, config.tokens, clock=clock)
-            admission = Admission(app[LIMITER], config.limits, config.queue, wall_clock=clock)
+            metrics = app[METRICS]
+            tokens = TokenManager(
+                app[TOKEN_STORE], oauth, config.tokens, metrics=metrics, clock=clock
+            )
+            admission = Admission(
+                app[LIMITER], config.limits, config.queue, metrics=metrics, wall_clock=clock
+            )
+            app[ADMISSION] = admission
             app[HTTP_SESSION] = session
             app[TOKENS] = tokens
             apps_by_name = {app_config.name: app_config for app_config in config.apps}
@@ -182,9 +194,11 @@ async def answer_errors_as_json(request: web.Request, handler: Handler) -> web.S
     """Refuse targets a reverse proxy must not follow; turn RequestErrors into JSON."""
     try:
         refuse_non_origin_form(request)
-        return await handler(request)
+        response = await handler(request)
     except RequestError as error:
-        return error_response(error)
+        response = error_response(error)
+    request.app[METRICS].answers.labels(str(response.status)).inc()
+    return response
 
 
 def refuse_non_origin_form(request: web.Request) -> None:

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from proxy.admin import create_admin_app
 from proxy.app import create_app
 from proxy.config import Config, describe_config, load_config
 from proxy.errors import ConfigError
@@ -79,12 +80,14 @@ def run_serve(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
     configure_logging(args.log_level)
     sock = bind_socket(config.server.host, config.server.port)
+    admin_sock = bind_socket(config.admin.host, config.admin.port)
     # Queued requests may wait max_wait_ms and then take up to timeout_s upstream.
     grace_s = config.queue.max_wait_ms / 1000 + config.upstream.timeout_s
 
     def serve_one(banner: str | None = "hoopai-proxy") -> None:
         app = create_app(config)
-        asyncio.run(serve_until_signalled(app, sock, banner=banner, grace_s=grace_s))
+        admin = (create_admin_app(app), admin_sock)
+        asyncio.run(serve_until_signalled(app, sock, banner=banner, grace_s=grace_s, admin=admin))
 
     if config.server.workers == 1:
         serve_one()
@@ -92,8 +95,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         host, port = sock.getsockname()[:2]
+        admin_host, admin_port = admin_sock.getsockname()[:2]
         workers = config.server.workers
         print(f"hoopai-proxy ({workers} workers) listening on http://{host}:{port}", flush=True)
+        print(f"hoopai-proxy admin on http://{admin_host}:{admin_port}", flush=True)
 
     return run_forked_workers(
         config.server.workers, lambda: serve_one(banner=None), started=announce

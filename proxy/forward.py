@@ -95,6 +95,7 @@ class Forwarder:
         deadline = started + max_wait_s
         # Time spent getting the token counts against the caller's wait.
         decision = await self._admission.admit(target.key, max(0.0, deadline - time.monotonic()))
+        self._refresh_token_after_wait(outgoing, target, decision)
         return await self._send_and_relay(
             request, outgoing, target, decision, deadline=deadline, started=started
         )
@@ -126,6 +127,17 @@ class Forwarder:
             token = await self._tokens.after_invalid_jwt(app, target.kind, target.id, used)
         outgoing.headers["Authorization"] = f"Bearer {token}"
 
+    def _refresh_token_after_wait(
+        self, outgoing: Outgoing, target: Target, decision: Decision
+    ) -> None:
+        """A request that waited for its slot may hold a token refreshed meanwhile: take the
+        cached one (no I/O, so nothing slow comes between the slot and the send)."""
+        if decision.wait_s <= 0 or target.passthrough_token is not None or target.app is None:
+            return
+        token = self._tokens.cached_access_token(target.app, target.kind, target.id)
+        if token is not None:
+            outgoing.headers["Authorization"] = f"Bearer {token}"
+
     async def _send_and_relay(
         self,
         request: web.Request,
@@ -139,6 +151,7 @@ class Forwarder:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
             async with self._send(outgoing) as answer:
+                self._admission.metrics.upstream.labels(str(answer.status)).inc()
                 await self._admission.observe(target.key, answer.status, answer.headers, decision)
                 queued_s = time.monotonic() - started
                 extra = self._admission.answer_headers(decision, queued_s)
@@ -156,6 +169,7 @@ class Forwarder:
             ):
                 return self._final_answer(answer, body, extra, reason)
             resent[reason] += 1
+            self._admission.metrics.resends.labels(reason).inc()
             if reason == "invalid_jwt":
                 used = outgoing.headers["Authorization"].removeprefix("Bearer ")
                 await self._use_managed_token(outgoing, target, used=used)
@@ -163,6 +177,7 @@ class Forwarder:
                 decision = await self._admission.admit(
                     target.key, max(0.0, deadline - time.monotonic())
                 )
+                self._refresh_token_after_wait(outgoing, target, decision)
             except RateLimited:
                 log.info("no slot before the deadline to resend %s", target.key.tag)
                 if reason == "rate_limited":

@@ -73,19 +73,32 @@ async def start_server(
 
 
 async def serve_until_signalled(
-    app: web.Application, sock: socket.socket, *, banner: str | None, grace_s: float
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    banner: str | None,
+    grace_s: float,
+    admin: tuple[web.Application, socket.socket] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests and stop."""
+    """Serve `app` (and the admin app on its own socket) until SIGTERM or SIGINT, then
+    drain in-flight requests and stop."""
     server = await start_server(app, sock, grace_s=grace_s)
+    admin_server = None
+    if admin is not None:
+        admin_server = await start_server(admin[0], admin[1], grace_s=5, access_log=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if banner is not None:
         print(f"{banner} listening on {server.url}", flush=True)
+        if admin_server is not None:
+            print(f"{banner} admin on {admin_server.url}", flush=True)
     try:
         await stop.wait()
     finally:
+        if admin_server is not None:
+            await admin_server.stop()
         await server.stop()
 
 

@@ -31,6 +31,7 @@ def base_document(upstream_url: str) -> dict[str, Any]:
     """A minimal proxy config (as parsed YAML) that points at `upstream_url`."""
     return {
         "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
         "upstream": {"base_url": upstream_url, "timeout_s": 10, "connect_timeout_s": 2},
         "apps": [{"name": "main", "client_id": SIM_CLIENT_ID, "client_secret": SIM_CLIENT_SECRET}],
     }

@@ -31,6 +31,7 @@ from proxy.errors import (
     TokenStoreUnavailable,
     TokenUnavailable,
 )
+from proxy.metrics import Metrics
 from proxy.tokens.oauth import (
     ClientRejected,
     InvalidGrant,
@@ -58,9 +59,11 @@ class TokenManager:
         oauth: OAuthClient,
         config: TokensConfig,
         *,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self._metrics = metrics or Metrics()
         self.oauth = oauth
         self._config = config
         self._clock = clock
@@ -117,6 +120,17 @@ class TokenManager:
         if pending:
             log.info("waiting for %d token refresh(es) to finish", len(pending))
             await asyncio.wait(pending, timeout=timeout_s)
+
+    def cached_access_token(self, app: AppConfig, kind: str, resource_id: str) -> str | None:
+        """The cached access token if it is fresh, without any I/O (safe between a slot
+        and its send)."""
+        cached = self._cache.get((app.app_id, kind, resource_id))
+        return cached.access_token if cached is not None and self._fresh(cached) else None
+
+    def cached_expiry(self, key: Key) -> float | None:
+        """When the cached access token of `key` expires, if one is cached."""
+        record = self._cache.get(key)
+        return record.expires_at if record is not None else None
 
     def forget(self, key: Key) -> None:
         """Drop a cached record (after an uninstall or a reinstall)."""
@@ -196,17 +210,24 @@ class TokenManager:
             raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
         if current.version != stale.version:
             return current  # refreshed between our read and our lock
+        refreshes = self._metrics.refreshes
         try:
             # The lock must outlive the call, or another process could spend the same
             # refresh token: a call that would outlast it is abandoned while still held.
             async with asyncio.timeout(self._config.refresh_lock_ttl_s * LOCK_BUDGET):
                 grant = await self._renewed_grant(app, current)
         except InvalidGrant as exc:
+            refreshes.labels("invalid_grant").inc()
             return await self._mark_dead(app, current, exc.message)
         except TimeoutError as exc:
+            refreshes.labels("failed").inc()
             raise TokenUnavailable(
                 f"Refreshing {current.tag} took longer than its lock allows; retry"
             ) from exc
+        except TokenUnavailable:
+            refreshes.labels("failed").inc()
+            raise
+        refreshes.labels("ok").inc()
         fresh = grant.record(current.app, now=self._clock(), version=current.version + 1)
         fresh = replace(
             fresh, approved_locations=fresh.approved_locations or current.approved_locations

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 LISTENING = re.compile(rb"listening on (http://\S+)")
+ADMIN = re.compile(rb"admin on (http://\S+)")
 
 
 @dataclass
@@ -30,7 +31,9 @@ class ServiceProcess:
     args: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    announces_admin: bool = False
     url: str = ""
+    admin_url: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout_s: float = 20.0) -> ServiceProcess:
@@ -56,7 +59,9 @@ class ServiceProcess:
             if ready:
                 buffered += os.read(self.process.stdout.fileno(), 4096)
                 found = LISTENING.search(buffered)
-                if found:
+                admin = ADMIN.search(buffered)
+                if found and (admin or not self.announces_admin):
+                    self.admin_url = admin.group(1).decode() if admin else ""
                     return found.group(1).decode()
         raise RuntimeError(f"{self.args} did not announce itself in {timeout_s}s: {self.logs()}")
 
@@ -90,7 +95,9 @@ def write_config(path: Path, document: dict[str, Any]) -> Path:
 
 def proxy_process(config_path: Path, log_path: Path, **env: str) -> ServiceProcess:
     """`hoopai-proxy serve --config FILE`, not started yet."""
-    return ServiceProcess(["serve", "--config", str(config_path)], log_path, env=dict(env))
+    return ServiceProcess(
+        ["serve", "--config", str(config_path)], log_path, env=dict(env), announces_admin=True
+    )
 
 
 def simulator_process(log_path: Path, *extra: str) -> ServiceProcess:

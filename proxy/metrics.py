@@ -1,0 +1,72 @@
+"""The proxy's metrics for Prometheus, in a registry of their own per application.
+
+prometheus-client does the exposition format and the histogram arithmetic; each app
+gets its own `CollectorRegistry`, so tests (and one process hosting several apps) never
+share counters. Labels never carry a resource id, a caller key or a token: their number
+must stay small, and a scrape must never leak what a log line must not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+QUEUE_BUCKETS_S = (0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Every counter the proxy keeps, for one application."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.answers = Counter(
+            "hoopai_proxy_answers", "Answers given to callers, by status.", ["status"], registry=r
+        )
+        self.decisions = Counter(
+            "hoopai_proxy_limiter_decisions",
+            "Limiter decisions: sent at once, queued, refused (burst or daily), or what shadow "
+            "mode would have done.",
+            ["outcome"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "hoopai_proxy_queue_seconds",
+            "Time requests were held for their slot.",
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "hoopai_proxy_requests_waiting", "Requests held for a slot right now.", registry=r
+        )
+        self.upstream = Counter(
+            "hoopai_proxy_upstream_answers",
+            "Answers from the upstream, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.resends = Counter(
+            "hoopai_proxy_resends",
+            "Requests sent again (after an upstream 429, Invalid JWT or Command timed out).",
+            ["reason"],
+            registry=r,
+        )
+        self.refreshes = Counter(
+            "hoopai_proxy_token_refreshes",
+            "Token refreshes this process made, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.limiter_degraded = Gauge(
+            "hoopai_proxy_limiter_degraded",
+            "1 while the shared limiter (Redis) is unavailable and decisions are local or refused.",
+            registry=r,
+        )
+
+    def watch_degraded(self, degraded: Callable[[], bool]) -> None:
+        """Read the limiter's state at each scrape."""
+        self.limiter_degraded.set_function(lambda: 1.0 if degraded() else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
