@@ -89,6 +89,10 @@ async def test_200mb_upload_and_download_stream_with_bounded_memory(
                 received += len(chunk)
                 digest.update(chunk)
     assert received == BIG
+    print(
+        f"\n200 MB through the proxy: RSS grew {upload_rss.growth_mb:.1f} MB on upload, "
+        f"{download_rss.growth_mb:.1f} MB on download"
+    )
     assert upload_rss.growth_mb < 16, f"upload grew RSS by {upload_rss.growth_mb:.1f} MB"
     assert download_rss.growth_mb < 16, f"download grew RSS by {download_rss.growth_mb:.1f} MB"
 
