@@ -80,7 +80,7 @@ async def status_page(request: web.Request) -> web.Response:
     rows = "".join(_row(view) for view in _resources(request.app[MAIN_APP]))
     page = (
         "<!doctype html><title>hoopai-proxy status</title><h1>hoopai-proxy</h1>"
-        "<table border=1 cellpadding=4><tr><th>app</th><th>resource</th><th>burst left</th>"
+        "<table border=1 cellpadding=4><tr><th>app id</th><th>resource</th><th>burst left</th>"
         "<th>daily left</th><th>waiting</th><th>upstream remaining</th>"
         f"<th>token expires in</th><th>last seen</th></tr>{rows}</table>"
     )

@@ -112,11 +112,14 @@ class Admission:
         asked = headers.get(MAX_WAIT_HEADER)
         if asked is None:
             return self._max_wait_s
-        if not (asked.strip().isascii() and asked.strip().isdigit()):
+        asked = asked.strip()
+        if not (asked.isascii() and asked.isdigit()):
             raise BadRequest(
                 f"{MAX_WAIT_HEADER} must be a whole number of milliseconds (0 = never wait), "
                 f"got {asked[:40]!r}"
             )
+        if len(asked) > 9:  # longer than a week in milliseconds: the config's cap anyway
+            return self._max_wait_s
         return min(self._max_wait_s, int(asked) / 1000)
 
     async def admit(self, key: LimitKey, max_wait_s: float) -> Decision:
@@ -181,8 +184,11 @@ class Admission:
             # Not processed upstream: the whole window is taken, for every replica, now.
             await self.limiter.observe(key, self.limits, self.today(), 0, daily, pause=True)
         elif burst is not None or daily is not None:
-            surprising = (burst is not None and burst < decision.burst_remaining) or (
-                daily is not None and daily < decision.daily_remaining
+            # Requests admitted just after this one may reach the upstream first; only a
+            # shortfall beyond that reordering is news worth a round trip now.
+            slack = max(2, self.limits.burst // 20)
+            surprising = (burst is not None and burst < decision.burst_remaining - slack) or (
+                daily is not None and daily < decision.daily_remaining - slack
             )
             await self.limiter.observe(
                 key, self.limits, self.today(), burst, daily, at_once=surprising

@@ -35,13 +35,12 @@ from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.metrics import Metrics
-from proxy.redis_client import open_redis
+from proxy.redis_client import connect_redis
 from proxy.resolve import Resolver
 from proxy.tokens.deliveries import WebhookReceiver
 from proxy.tokens.install import InstallFlow
 from proxy.tokens.keepalive import KeepAlive
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.oauth import OAuthClient
 from proxy.tokens.store import TokenStore
 from proxy.tokens.stores import open_token_store
 from proxy.tokens.webhooks import WebhookKeys
@@ -111,11 +110,7 @@ def upstream_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     store = app[CONFIG].store
-    client = open_redis(store) if store.redis_url else None
-    if isinstance(client, RedisCluster):
-        # An async cluster client must learn the slots before concurrent first commands
-        # (redis-py #3032); a dead cluster here is a startup failure worth seeing.
-        await client.initialize()
+    client = await connect_redis(store) if store.redis_url else None
     app[REDIS] = client
     yield
     if client is not None:
@@ -155,11 +150,11 @@ def _upstream(
         config = app[CONFIG]
         apps_by_id = {app_config.app_id: app_config for app_config in config.apps}
         async with upstream_session(config.upstream) as session:
-            oauth = OAuthClient(session, config.upstream.base_url, clock=clock)
             metrics = app[METRICS]
-            tokens = TokenManager(
-                app[TOKEN_STORE], oauth, config.tokens, metrics=metrics, clock=clock
+            tokens = TokenManager.for_config(
+                config, app[TOKEN_STORE], session, metrics=metrics, clock=clock
             )
+            oauth = tokens.oauth
             admission = Admission(
                 app[LIMITER], config.limits, config.queue, metrics=metrics, wall_clock=clock
             )

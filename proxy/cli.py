@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"hoopai-proxy: config error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except ListenError as error:
+        print(f"hoopai-proxy: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
     return code
 
 
@@ -46,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
 
     check = commands.add_parser("check-config", help="validate a config and print it")
-    check.add_argument("config", nargs="?", help=f"config file (default: ${CONFIG_ENV})")
+    check.add_argument("file", nargs="?", help=f"config file (default: ${CONFIG_ENV})")
+    # --config too, like every other command, so scripts can use one form throughout.
+    check.add_argument("--config", help="config file (the same as the positional FILE)")
     check.set_defaults(run=run_check_config)
 
     simulate = commands.add_parser("simulate", help="run the HoopAI API simulator")
@@ -71,7 +77,7 @@ def config_from(path: str | None, environ: Mapping[str, str]) -> Config:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    config = config_from(args.config, os.environ)
+    config = config_from(args.file or args.config, os.environ)
     print(describe_config(config), end="")
     return EXIT_OK
 
@@ -79,8 +85,8 @@ def run_check_config(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
     configure_logging(args.log_level)
-    sock = bind_socket(config.server.host, config.server.port)
-    admin_sock = bind_socket(config.admin.host, config.admin.port)
+    sock = _listen("server", config.server.host, config.server.port)
+    admin_sock = _listen("admin", config.admin.host, config.admin.port)
     # Queued requests may wait max_wait_ms and then take up to timeout_s upstream.
     grace_s = config.queue.max_wait_ms / 1000 + config.upstream.timeout_s
 
@@ -103,6 +109,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_forked_workers(
         config.server.workers, lambda: serve_one(banner=None), started=announce
     )
+
+
+def _listen(section: str, host: str, port: int) -> socket.socket:
+    """Bind a listening socket; a failure names the config keys to change."""
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        raise ListenError(
+            f"{section}.host/{section}.port: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from exc
+
+
+class ListenError(Exception):
+    """The proxy could not bind one of its addresses (a run-time failure, exit 1)."""
 
 
 def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:

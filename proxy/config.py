@@ -515,10 +515,10 @@ def _check_workers_share_limits(config: Config) -> None:
 def _check_lock_outlives_refresh(config: Config) -> None:
     slowest = config.upstream.timeout_s + config.upstream.connect_timeout_s
     ttl = config.tokens.refresh_lock_ttl_s
-    if ttl <= slowest:
+    if ttl < slowest + 1:
         raise ConfigError(
             "tokens.refresh_lock_ttl_s",
-            f"must be longer than the slowest refresh (upstream.timeout_s + "
+            f"must be at least 1 s longer than the slowest refresh (upstream.timeout_s + "
             f"upstream.connect_timeout_s = {slowest:g} s), got {ttl:g}",
         )
 

@@ -182,8 +182,14 @@ class Forwarder:
                 log.info("no slot before the deadline to resend %s", target.key.tag)
                 if reason == "rate_limited":
                     return buffered_response(answer, body, extra)
-                # A 401 the proxy would have cured by resending is not the caller's answer:
-                # the truth is that no slot was free for the resend.
+                if reason == "command_timed_out":
+                    # It may have run upstream: say timeout, never "not sent" (a 429).
+                    raise UpstreamTimeout(
+                        "The upstream timed out (401 Command timed out) and no slot was "
+                        "free to send it again before the deadline"
+                    ) from None
+                # An Invalid JWT the proxy would have cured by resending is not the
+                # caller's answer: the truth is that no slot was free for the resend.
                 raise
             log.info("resending a request for %s after %s", target.key.tag, reason)
 

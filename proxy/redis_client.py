@@ -26,3 +26,13 @@ def open_redis(store: StoreConfig) -> Redis | RedisCluster:
     if store.redis_cluster:
         return RedisCluster.from_url(store.redis_url, **options)
     return Redis.from_url(store.redis_url, **options)  # type: ignore[arg-type]
+
+
+async def connect_redis(store: StoreConfig) -> Redis | RedisCluster:
+    """`open_redis`, and for a cluster the slot map learnt before first use."""
+    client = open_redis(store)
+    if isinstance(client, RedisCluster):
+        # An async cluster client must learn the slots before concurrent first commands
+        # (redis-py #3032); a dead cluster here is a startup failure worth seeing.
+        await client.initialize()
+    return client

@@ -84,22 +84,23 @@ async def serve_until_signalled(
     drain in-flight requests and stop."""
     server = await start_server(app, sock, grace_s=grace_s)
     admin_server = None
-    if admin is not None:
-        admin_server = await start_server(admin[0], admin[1], grace_s=5, access_log=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    if banner is not None:
-        print(f"{banner} listening on {server.url}", flush=True)
-        if admin_server is not None:
-            print(f"{banner} admin on {admin_server.url}", flush=True)
     try:
+        if admin is not None:
+            admin_server = await start_server(admin[0], admin[1], grace_s=5, access_log=False)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if banner is not None:
+            print(f"{banner} listening on {server.url}", flush=True)
+            if admin_server is not None:
+                print(f"{banner} admin on {admin_server.url}", flush=True)
         await stop.wait()
     finally:
+        # The main port drains first, so the admin port still answers during the drain.
+        await server.stop()
         if admin_server is not None:
             await admin_server.stop()
-        await server.stop()
 
 
 def run_forked_workers(

@@ -78,7 +78,9 @@ class FallbackLimiter:
         pause: bool = False,
         at_once: bool = False,
     ) -> None:
-        if not self._skip_shared():
+        # Only decisions probe a Redis that was down: an observation may not even reach
+        # Redis (it can ride along with the next decision), so it must not use the probe.
+        if not self.degraded:
             try:
                 await self._shared.observe(
                     key,

@@ -25,7 +25,7 @@ from proxy.app import upstream_session
 from proxy.cli import CONFIG_ENV, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, config_from
 from proxy.config import AppConfig, Config
 from proxy.errors import ProxyError, RequestError, TokenUnavailable
-from proxy.redis_client import open_redis
+from proxy.redis_client import connect_redis
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import (
     ClientRejected,
@@ -257,13 +257,12 @@ async def _refresh(config: Config, args: argparse.Namespace) -> None:
 @asynccontextmanager
 async def _tokens(config: Config) -> AsyncIterator[TokenManager]:
     """The configured store and upstream behind a TokenManager; all closed on the way out."""
-    redis = open_redis(config.store) if config.store.redis_url else None
+    redis = await connect_redis(config.store) if config.store.redis_url else None
     try:
         store = await open_token_store(config.store, redis)
         try:
             async with upstream_session(config.upstream) as session:
-                oauth = OAuthClient(session, config.upstream.base_url)
-                yield TokenManager(store, oauth, config.tokens)
+                yield TokenManager.for_config(config, store, session)
         finally:
             await store.close()
     finally:

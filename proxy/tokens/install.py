@@ -62,6 +62,12 @@ class InstallFlow:
 
     async def callback(self, request: web.Request) -> web.Response:
         """Exchange `code` for tokens, store them, and say what was installed."""
+        declined = request.query.get("error")
+        if declined:
+            raise BadRequest(
+                f"The authorization page did not grant the install ({declined[:80]}); "
+                "start again from /_proxy/oauth/start"
+            )
         code = request.query.get("code")
         if not code:
             raise BadRequest("The callback needs ?code=... from the authorization page")

@@ -24,7 +24,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from proxy.config import AppConfig, TokensConfig
+import aiohttp
+
+from proxy.config import AppConfig, Config, TokensConfig
 from proxy.errors import (
     NoToken,
     ReauthorizationRequired,
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]
 WAIT_POLL_S = 0.05
-LOCK_BUDGET = 0.9  # the share of the lock's lifetime a refresh may take
+LOCK_MARGIN_S = 1.0  # kept between the last possible answer and the lock's expiry
 STORE_ATTEMPTS = 3
 
 
@@ -60,15 +62,36 @@ class TokenManager:
         config: TokensConfig,
         *,
         metrics: Metrics | None = None,
+        attempt_s: float = 65.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`attempt_s` is the longest one token endpoint call can take."""
         self.store = store
+        self._attempt_s = attempt_s
+        self._holding: set[Key] = set()  # keys whose refresh lock this process holds
         self._metrics = metrics or Metrics()
         self.oauth = oauth
         self._config = config
         self._clock = clock
         self._cache: dict[Key, TokenRecord] = {}
         self._inflight: dict[Key, asyncio.Task[TokenRecord]] = {}
+
+    @classmethod
+    def for_config(
+        cls,
+        config: Config,
+        store: TokenStore,
+        session: aiohttp.ClientSession,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> TokenManager:
+        """The manager for `config`: its token endpoint client bounded like its lock."""
+        attempt_s = config.upstream.timeout_s + config.upstream.connect_timeout_s
+        oauth = OAuthClient(
+            session, config.upstream.base_url, attempt_timeout_s=attempt_s, clock=clock
+        )
+        return cls(store, oauth, config.tokens, metrics=metrics, attempt_s=attempt_s, clock=clock)
 
     # -- what the request path calls -----------------------------------------------------
 
@@ -104,7 +127,7 @@ class TokenManager:
         """Store a freshly installed pair over whatever was there (a reinstall heals a dead
         record)."""
         stored = await self.store.replace(record)
-        self._cache[stored.key] = stored
+        self._cache[stored.key] = stored  # a reinstall may restart versions: it always wins
         log.info("installed token %s (version %d)", stored.tag, stored.version)
         return stored
 
@@ -116,10 +139,13 @@ class TokenManager:
     async def aclose(self, timeout_s: float) -> None:
         """Let refreshes under way finish (they may hold the only live pair) before the
         session and the store close; bounded, so shutdown cannot hang."""
-        pending = list(self._inflight.values())
-        if pending:
-            log.info("waiting for %d token refresh(es) to finish", len(pending))
-            await asyncio.wait(pending, timeout=timeout_s)
+        holding = [task for key, task in self._inflight.items() if key in self._holding]
+        others = [task for key, task in self._inflight.items() if key not in self._holding]
+        for task in others:
+            task.cancel()  # only waiting on another process's lock: nothing to lose
+        if holding:
+            log.info("waiting for %d token refresh(es) to finish", len(holding))
+            await asyncio.wait(holding, timeout=timeout_s)
 
     def cached_access_token(self, app: AppConfig, kind: str, resource_id: str) -> str | None:
         """The cached access token if it is fresh, without any I/O (safe between a slot
@@ -154,7 +180,7 @@ class TokenManager:
             )
         _refuse_dead(record, app)
         if self._fresh(record):
-            self._cache[key] = record
+            self._remember(record)
         return record
 
     async def _single_flight(
@@ -167,9 +193,17 @@ class TokenManager:
             task = asyncio.ensure_future(work())
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            task.add_done_callback(_read_outcome)
         record = await asyncio.shield(task)
-        self._cache[key] = record
+        self._remember(record)
         return record
+
+    def _remember(self, record: TokenRecord) -> None:
+        """Cache `record` unless a newer version of it is cached already (a slow reader
+        must not put back the token a refresh just replaced)."""
+        cached = self._cache.get(record.key)
+        if cached is None or cached.version <= record.version:
+            self._cache[record.key] = record
 
     async def _refresh(
         self, app: AppConfig, stale: TokenRecord, *, force: bool = False
@@ -184,11 +218,14 @@ class TokenManager:
             _refuse_dead(current, app)
             if current.version != stale.version or (not force and self._fresh(current)):
                 return current  # someone else refreshed it
+            locked_at = time.monotonic()
             owner = await self.store.acquire_lock(name, self._config.refresh_lock_ttl_s)
             if owner is not None:
+                self._holding.add(stale.key)
                 try:
-                    return await self._refresh_holding_lock(app, stale)
+                    return await self._refresh_holding_lock(app, stale, locked_at)
                 finally:
+                    self._holding.discard(stale.key)
                     await self._release(name, owner)
             if self._clock() > deadline:
                 raise TokenUnavailable(
@@ -204,26 +241,23 @@ class TokenManager:
         except TokenStoreUnavailable:
             log.warning("could not release lock %s; it expires by itself", name)
 
-    async def _refresh_holding_lock(self, app: AppConfig, stale: TokenRecord) -> TokenRecord:
+    async def _refresh_holding_lock(
+        self, app: AppConfig, stale: TokenRecord, locked_at: float
+    ) -> TokenRecord:
         current = await self.store.get(*stale.key)
         if current is None:
             raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
         if current.version != stale.version:
             return current  # refreshed between our read and our lock
         refreshes = self._metrics.refreshes
+        # The lock must outlive every call, or another process could spend the same
+        # refresh token: no attempt starts that could still run when the lock expires.
+        start_by = locked_at + self._config.refresh_lock_ttl_s - self._attempt_s - LOCK_MARGIN_S
         try:
-            # The lock must outlive the call, or another process could spend the same
-            # refresh token: a call that would outlast it is abandoned while still held.
-            async with asyncio.timeout(self._config.refresh_lock_ttl_s * LOCK_BUDGET):
-                grant = await self._renewed_grant(app, current)
+            grant = await self._renewed_grant(app, current, start_by)
         except InvalidGrant as exc:
             refreshes.labels("invalid_grant").inc()
             return await self._mark_dead(app, current, exc.message)
-        except TimeoutError as exc:
-            refreshes.labels("failed").inc()
-            raise TokenUnavailable(
-                f"Refreshing {current.tag} took longer than its lock allows; retry"
-            ) from exc
         except TokenUnavailable:
             refreshes.labels("failed").inc()
             raise
@@ -232,14 +266,18 @@ class TokenManager:
         fresh = replace(
             fresh, approved_locations=fresh.approved_locations or current.approved_locations
         )
-        return await self._store_renewed(current, fresh)
+        return await self._store_renewed(app, current, fresh)
 
-    async def _renewed_grant(self, app: AppConfig, current: TokenRecord) -> TokenGrant:
+    async def _renewed_grant(
+        self, app: AppConfig, current: TokenRecord, start_by: float
+    ) -> TokenGrant:
         """A new grant for `current`: refreshed, or minted again when it has no refresh
         token. Refusals other than invalid_grant become 503 token_unavailable."""
         try:
             if current.refresh_token:
-                return await self.oauth.refresh(app, current.refresh_token, current.user_type)
+                return await self.oauth.refresh(
+                    app, current.refresh_token, current.user_type, start_by=start_by
+                )
             company_token = await self.access_token(app, "company", current.company_id)
             return await self.oauth.location_token(company_token, current.company_id, current.id)
         except InvalidGrant:
@@ -254,7 +292,9 @@ class TokenManager:
         except TokenEndpointError as exc:
             raise TokenUnavailable(exc.message) from exc
 
-    async def _store_renewed(self, current: TokenRecord, fresh: TokenRecord) -> TokenRecord:
+    async def _store_renewed(
+        self, app: AppConfig, current: TokenRecord, fresh: TokenRecord
+    ) -> TokenRecord:
         """Store the new pair: it may be the only live one, so a store blip is retried
         (the lock is still held) and a record wrongly marked dead is overwritten."""
         for attempt in range(STORE_ATTEMPTS):
@@ -271,6 +311,8 @@ class TokenManager:
         latest = await self.store.get(*current.key)
         if latest is None:
             raise NoToken(f"The token for {current.kind} {current.id} was deleted")
+        if latest.refresh_token == fresh.refresh_token:
+            return latest  # our write landed; only its answer was lost
         if latest.status == NEEDS_REAUTH and latest.refresh_token == current.refresh_token:
             # Someone holding our old refresh token saw it refused because we spent it:
             # our pair is the live one.
@@ -278,11 +320,13 @@ class TokenManager:
             if await self.store.compare_and_set(revived):
                 return revived
         log.error("token record %s changed while its refresh lock was held", current.tag)
+        _refuse_dead(latest, app)
         return latest
 
     async def _mark_dead(self, app: AppConfig, failed: TokenRecord, reason: str) -> TokenRecord:
         latest = await self.store.get(*failed.key)
         if latest is not None and latest.refresh_token != failed.refresh_token:
+            _refuse_dead(latest, app)
             return latest  # another replica won the rotation; its pair is live
         dead = replace(failed, status=NEEDS_REAUTH, version=failed.version + 1)
         await self.store.compare_and_set(dead)
@@ -328,6 +372,12 @@ class TokenManager:
         listed = [c for c in companies if location_id in c.approved_locations]
         open_ended = [c for c in companies if not c.approved_locations]
         return listed + open_ended
+
+
+def _read_outcome(task: asyncio.Task[TokenRecord]) -> None:
+    """Mark a shared task's exception as seen: its callers may all have gone."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _refuse_dead(record: TokenRecord, app: AppConfig) -> None:

@@ -117,11 +117,14 @@ class OAuthClient:
         session: aiohttp.ClientSession,
         base_url: str,
         *,
+        attempt_timeout_s: float = 65.0,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`attempt_timeout_s` bounds one call from start to answer (pool wait included)."""
         self._session = session
         self._base_url = base_url
+        self._attempt_timeout = aiohttp.ClientTimeout(total=attempt_timeout_s)
         self._retry_delays_s = tuple(retry_delays_s)
         self.clock = clock
 
@@ -131,13 +134,25 @@ class OAuthClient:
             form["user_type"] = user_type
         return parse_grant(await self._post_form("/oauth/token", form), user_type=user_type)
 
-    async def refresh(self, app: AppConfig, refresh_token: str, user_type: str) -> TokenGrant:
+    async def refresh(
+        self,
+        app: AppConfig,
+        refresh_token: str,
+        user_type: str,
+        *,
+        start_by: float | None = None,
+    ) -> TokenGrant:
+        """Refresh; no attempt starts after `start_by` (monotonic), so every attempt can
+        finish while the caller's lock still holds. An attempt once started is never cut
+        short: the upstream may already have rotated the token, and its answer is the only
+        copy of the new pair."""
         form = self._client_form(app) | {
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
             "user_type": user_type,
         }
-        return parse_grant(await self._post_form("/oauth/token", form), user_type=user_type)
+        body = await self._post_form("/oauth/token", form, start_by=start_by)
+        return parse_grant(body, user_type=user_type)
 
     async def location_token(
         self, company_access_token: str, company_id: str, location_id: str
@@ -159,16 +174,24 @@ class OAuthClient:
         }
 
     async def _post_form(
-        self, path: str, form: dict[str, str], headers: Mapping[str, str] | None = None
+        self,
+        path: str,
+        form: dict[str, str],
+        headers: Mapping[str, str] | None = None,
+        *,
+        start_by: float | None = None,
     ) -> dict[str, Any]:
         """POST a form; retry network errors and 5xx with backoff; classify refusals."""
         # The shared session adds no Content-Type of its own (the forwarder relays the
         # caller's), so the form says what it is.
         headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        problem = "no attempt fitted in the time allowed"
         for attempt, delay in enumerate((*self._retry_delays_s, None)):
+            if attempt > 0 and start_by is not None and time.monotonic() > start_by:
+                break  # the first attempt always fits: config makes the lock long enough
             try:
                 async with self._session.post(
-                    self._base_url + path, data=form, headers=headers
+                    self._base_url + path, data=form, headers=headers, timeout=self._attempt_timeout
                 ) as answer:
                     body = await _json_body(answer)
                     if answer.status < 500:

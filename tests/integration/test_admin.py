@@ -70,10 +70,13 @@ async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, h
         for outcome in ("sent", "queued", "refused_burst")
     }
     assert decisions["sent"] == 5 and decisions["refused_burst"] == 1
-    assert decisions["queued"] == 3 + 5  # the other three, and the five resends
+    # The other three queued, and each Invalid JWT resend (five, or up to eight if the
+    # refresh had not landed when the three were sent) queued again.
+    assert 3 + 5 <= decisions["queued"] <= 3 + 8
     assert metric(text, "hoopai_proxy_answers_total", status="200") == 8 + 1  # + callback
     assert metric(text, "hoopai_proxy_answers_total", status="429") == 1
-    assert metric(text, "hoopai_proxy_upstream_answers_total", status="401") == 5
+    upstream_401 = metric(text, "hoopai_proxy_upstream_answers_total", status="401")
+    assert upstream_401 == decisions["queued"] - 3
     assert metric(text, "hoopai_proxy_token_refreshes_total", outcome="ok") == 1
     assert metric(text, "hoopai_proxy_resends_total", reason="invalid_jwt") >= 1
     assert metric(text, "hoopai_proxy_requests_waiting") == 0

@@ -126,3 +126,31 @@ async def test_several_workers_share_one_port(simulator, spawn_proxy, redis_serv
     assert statuses == [200] * 60
     assert proxy.stop() == 0
     assert not any(worker.is_running() for worker in workers)
+
+
+def test_busy_port_is_one_line_naming_the_key(tmp_path) -> None:
+    """A port already taken: exit 1 with one line naming the config keys, no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import base_document
+    from tests.support.processes import write_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        document = base_document("http://127.0.0.1:9")
+        document["server"]["port"] = taken.getsockname()[1]
+        document["store"] = {"sqlite_path": str(tmp_path / "t.db")}
+        config = write_config(tmp_path / "busy.yaml", document)
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "server.host/server.port: cannot listen on" in lines[0]

@@ -656,9 +656,10 @@ def test_refresh_lock_must_outlive_the_slowest_refresh() -> None:
     """A lock shorter than a refresh could expire mid-refresh and let a token be spent twice."""
     message = error(doc(tokens={"refresh_lock_ttl_s": 30}))
     assert message == (
-        "tokens.refresh_lock_ttl_s: must be longer than the slowest refresh "
+        "tokens.refresh_lock_ttl_s: must be at least 1 s longer than the slowest refresh "
         "(upstream.timeout_s + upstream.connect_timeout_s = 65 s), got 30"
     )
+    assert error(doc(tokens={"refresh_lock_ttl_s": 65.5})).startswith("tokens.refresh_lock")
     assert parse_config(doc(tokens={"refresh_lock_ttl_s": 66}), {}).tokens.refresh_lock_ttl_s == 66
 
 

@@ -46,7 +46,7 @@ end
 
 -- Believe the upstream when it said, at time `at`, that fewer remain than we know of.
 local function observe(at)
-  if seen_burst >= 0 then
+  if seen_burst >= 0 or pause then
     local slots = redis.call("LRANGE", KEYS[1], 0, -1)
     local sent = 0
     for i = 1, #slots do
