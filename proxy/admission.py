@@ -28,7 +28,7 @@ from proxy.headers import (
     upstream_remaining,
     upstream_style_headers,
 )
-from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits
+from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits, UpstreamCounts
 from proxy.limiter.days import day_at
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
@@ -182,7 +182,8 @@ class Admission:
         self.board.answered(key, headers)
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.
-            await self.limiter.observe(key, self.limits, self.today(), 0, daily, pause=True)
+            counts = UpstreamCounts(0, daily, pause=True)
+            await self.limiter.observe(key, self.limits, self.today(), counts)
         elif burst is not None or daily is not None:
             # Requests admitted just after this one may reach the upstream first; only a
             # shortfall beyond that reordering is news worth a round trip now.
@@ -190,9 +191,8 @@ class Admission:
             surprising = (burst is not None and burst < decision.burst_remaining - slack) or (
                 daily is not None and daily < decision.daily_remaining - slack
             )
-            await self.limiter.observe(
-                key, self.limits, self.today(), burst, daily, at_once=surprising
-            )
+            counts = UpstreamCounts(burst, daily, at_once=surprising)
+            await self.limiter.observe(key, self.limits, self.today(), counts)
 
     def _undecided(self) -> Decision:
         day = self.today()

@@ -71,6 +71,18 @@ class Decision:
     daily_reset_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamCounts:
+    """What one upstream answer said of a key, restated against the limiter's own limits."""
+
+    burst_remaining: int | None = None
+    daily_remaining: int | None = None
+    # An upstream 429: the whole window from now is taken, for every replica, at once.
+    pause: bool = False
+    # The counts reveal traffic the limiter never saw: every replica must know now.
+    at_once: bool = False
+
+
 class Limiter(Protocol):
     """Shared state for all replicas (Redis) or one process (memory)."""
 
@@ -89,17 +101,12 @@ class Limiter(Protocol):
         key: LimitKey,
         limits: Limits,
         day: Day,
-        burst_remaining: int | None,
-        daily_remaining: int | None,
-        *,
-        pause: bool = False,
-        at_once: bool = False,
+        counts: UpstreamCounts,
     ) -> None:
         """Lower the key's state to the upstream's counts when they say fewer remain.
 
-        A backend may apply this with the key's next decision, unless `at_once` (the counts
-        show traffic the limiter never saw, which every replica must know now). `pause`
-        (an upstream 429) takes the key's whole window from now, for every replica, at once.
+        A backend may apply this with the key's next decision unless `counts.at_once` or
+        `counts.pause` ask for it now (see UpstreamCounts).
         """
         ...
 

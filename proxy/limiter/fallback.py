@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits
+from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
 
 log = logging.getLogger(__name__)
@@ -72,37 +72,18 @@ class FallbackLimiter:
         key: LimitKey,
         limits: Limits,
         day: Day,
-        burst_remaining: int | None,
-        daily_remaining: int | None,
-        *,
-        pause: bool = False,
-        at_once: bool = False,
+        counts: UpstreamCounts,
     ) -> None:
         # Only decisions probe a Redis that was down: an observation may not even reach
         # Redis (it can ride along with the next decision), so it must not use the probe.
         if not self.degraded:
             try:
-                await self._shared.observe(
-                    key,
-                    limits,
-                    day,
-                    burst_remaining,
-                    daily_remaining,
-                    pause=pause,
-                    at_once=at_once,
-                )
+                await self._shared.observe(key, limits, day, counts)
                 return
             except LimiterUnavailable as exc:
                 self._went_down(exc)
         if self._share is not None:
-            await self._local.observe(
-                key,
-                limits.scaled(self._share),
-                day,
-                burst_remaining,
-                daily_remaining,
-                pause=pause,
-            )
+            await self._local.observe(key, limits.scaled(self._share), day, counts)
 
     async def close(self) -> None:
         await self._shared.close()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from proxy.limiter import slots
-from proxy.limiter.base import Day, Decision, LimitKey, Limits
+from proxy.limiter.base import Day, Decision, LimitKey, Limits, UpstreamCounts
 
 SWEEP_EVERY = 10_000
 
@@ -37,16 +37,10 @@ class MemoryLimiter:
         key: LimitKey,
         limits: Limits,
         day: Day,
-        burst_remaining: int | None,
-        daily_remaining: int | None,
-        *,
-        pause: bool = False,
-        at_once: bool = False,
+        counts: UpstreamCounts,
     ) -> None:
         state = self._states.setdefault(key, slots.KeyState())
-        slots.observe(
-            state, limits, day, self._clock(), burst_remaining, daily_remaining, pause=pause
-        )
+        slots.observe(state, limits, day, self._clock(), counts)
 
     async def close(self) -> None:
         self._states.clear()

@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import Day, Decision, LimitKey, Limits
+from proxy.limiter.base import Day, Decision, LimitKey, Limits, UpstreamCounts
 
 US = 1_000_000
 KEY_PREFIX = "hoopai:limit"
@@ -84,21 +84,18 @@ class RedisLimiter:
         key: LimitKey,
         limits: Limits,
         day: Day,
-        burst_remaining: int | None,
-        daily_remaining: int | None,
-        *,
-        pause: bool = False,
-        at_once: bool = False,
+        counts: UpstreamCounts,
     ) -> None:
         seen = _Seen(
-            burst_remaining=NOT_SEEN if burst_remaining is None else max(0, burst_remaining),
-            daily_remaining=NOT_SEEN if daily_remaining is None else max(0, daily_remaining),
+            burst_remaining=_or_not_seen(counts.burst_remaining),
+            daily_remaining=_or_not_seen(counts.daily_remaining),
             day_id=day.id,
             at=self._now(),
         )
-        if pause or at_once:
+        if counts.pause or counts.at_once:
             self._seen.pop(key, None)
-            await self._call("pause" if pause else "observe", key, limits, day, 0.0, False, seen)
+            op = "pause" if counts.pause else "observe"
+            await self._call(op, key, limits, day, 0.0, False, seen)
         else:
             self._seen[key] = seen
 
@@ -137,6 +134,10 @@ class RedisLimiter:
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.monotonic()
+
+
+def _or_not_seen(remaining: int | None) -> int:
+    return NOT_SEEN if remaining is None else max(0, remaining)
 
 
 def _us(seconds: float) -> int:

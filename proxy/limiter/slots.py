@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from proxy.limiter.base import Day, Decision, Limits
+from proxy.limiter.base import Day, Decision, Limits, UpstreamCounts
 
 
 @dataclass
@@ -105,10 +105,7 @@ def observe(
     limits: Limits,
     day: Day,
     now: float,
-    burst_remaining: int | None,
-    daily_remaining: int | None,
-    *,
-    pause: bool = False,
+    counts: UpstreamCounts,
 ) -> None:
     """Believe the upstream when it says fewer remain than this state thinks.
 
@@ -116,11 +113,11 @@ def observe(
     the proxy) become slots at `now`, so they hold the window for W from now. `pause` (an
     upstream 429) fills the window at `now`: no slot before now + W + pad.
     """
-    if pause:
-        burst_remaining = 0
+    burst_remaining = 0 if counts.pause else counts.burst_remaining
+    daily_remaining = counts.daily_remaining
     if burst_remaining is not None:
         sent = sum(1 for slot in state.slots if now - limits.window_s < slot <= now)
-        counted = limits.burst if pause else (limits.burst - max(0, burst_remaining)) - sent
+        counted = limits.burst if counts.pause else (limits.burst - max(0, burst_remaining)) - sent
         unknown = min(limits.burst, counted)
         if unknown > 0:
             state.slots.extend([now] * unknown)

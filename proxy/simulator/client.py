@@ -76,15 +76,9 @@ class SimulatorClient:
         self, client_id: str, client_secret: str, code: str, user_type: str = "Location"
     ) -> dict[str, Any]:
         """The /oauth/token answer for an authorization code."""
-        form = {
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "grant_type": "authorization_code",
-            "code": code,
-            "user_type": user_type,
-        }
-        answer: dict[str, Any] = await self._call("POST", "/oauth/token", form=form)
-        return answer
+        return await self._token(
+            client_id, client_secret, user_type, grant_type="authorization_code", code=code
+        )
 
     async def install_and_exchange(
         self,
@@ -110,12 +104,22 @@ class SimulatorClient:
         self, client_id: str, client_secret: str, refresh_token: str, user_type: str = "Location"
     ) -> dict[str, Any]:
         """The /oauth/token answer for a refresh (the used refresh token dies)."""
+        return await self._token(
+            client_id,
+            client_secret,
+            user_type,
+            grant_type="refresh_token",
+            refresh_token=refresh_token,
+        )
+
+    async def _token(
+        self, client_id: str, client_secret: str, user_type: str, **grant: str
+    ) -> dict[str, Any]:
         form = {
             "client_id": client_id,
             "client_secret": client_secret,
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token,
             "user_type": user_type,
+            **grant,
         }
         answer: dict[str, Any] = await self._call("POST", "/oauth/token", form=form)
         return answer

@@ -65,12 +65,14 @@ class SimulatorServer:
             handler_cancellation=True,
         )
         await runner.setup()
+        started = False
         try:
             await web.SockSite(runner, sock).start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
+            started = True
+        finally:
+            if not started:
+                sock.close()
+                await runner.cleanup()
         self._runner = runner
 
     async def stop(self) -> None:

@@ -169,15 +169,17 @@ class SqliteTokenStore:
         db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
+        ready = False
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not 'wal'")
             db.execute("PRAGMA synchronous = FULL")
             _migrate(db)
-        except BaseException:
-            db.close()
-            raise
+            ready = True
+        finally:
+            if not ready:
+                db.close()
         _tighten_sidecars(self.path)
         self._db = db
 
@@ -244,13 +246,15 @@ class SqliteTokenStore:
 def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction, taken at once: no other process writes until it ends."""
     db.execute("BEGIN IMMEDIATE")
+    committed = False
     try:
         yield db
         db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
+        committed = True
+    finally:
+        # Whatever interrupted the transaction (cancellation included) undoes it.
+        if not committed and db.in_transaction:
             db.execute("ROLLBACK")
-        raise
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.limiter.base import Day, Limiter, LimitKey, Limits
+from proxy.limiter.base import Day, Limiter, LimitKey, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
@@ -115,7 +115,7 @@ async def test_upstream_remaining_lower_than_ours_holds_the_window(make_limiter)
     clock = ManualClock()
     limiter = make_limiter(clock)
     await limiter.acquire(KEY, SMALL, TODAY, 0)
-    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=1, daily_remaining=None)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(burst_remaining=1))
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
     refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert not refused.admitted
@@ -128,7 +128,7 @@ async def test_upstream_remaining_higher_than_ours_changes_nothing(make_limiter)
     limiter = make_limiter(clock)
     for _ in range(4):
         await limiter.acquire(KEY, SMALL, TODAY, 0)
-    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=5, daily_remaining=999)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(5, 999))
     decision = await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert decision.burst_remaining == 0 and decision.daily_remaining == 995
 
@@ -137,7 +137,7 @@ async def test_upstream_429_pauses_the_key_for_a_window(make_limiter) -> None:
     """After an upstream 429 (remaining 0) no slot comes before now + W + pad."""
     clock = ManualClock()
     limiter = make_limiter(clock)
-    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=0, daily_remaining=None)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(burst_remaining=0))
     decision = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert decision.wait_s == pytest.approx(1.1)
 
@@ -146,7 +146,7 @@ async def test_upstream_daily_remaining_lowers_the_count(make_limiter) -> None:
     """X-RateLimit-Daily-Remaining lower than ours is taken as today's count."""
     clock = ManualClock()
     limiter = make_limiter(clock)
-    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=None, daily_remaining=2)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(daily_remaining=2))
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == 1
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == 0
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).limited_by == "daily"
@@ -277,7 +277,7 @@ async def test_upstream_counts_hold_from_when_they_were_said(make_limiter) -> No
     """An upstream count applied with a later decision still holds from when it was said."""
     clock = ManualClock()
     limiter = make_limiter(clock)
-    await limiter.observe(KEY, SMALL, TODAY, burst_remaining=0, daily_remaining=None)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(burst_remaining=0))
     clock.advance(0.5)
     refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert not refused.admitted
@@ -291,7 +291,7 @@ async def test_upstream_429_takes_the_whole_window_from_now(make_limiter) -> Non
     for _ in range(3):
         await limiter.acquire(KEY, SMALL, TODAY, 0)
     clock.advance(0.5)
-    await limiter.observe(KEY, SMALL, TODAY, 0, None, pause=True)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(0, pause=True))
     assert (await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s == pytest.approx(1.1)
 
 
@@ -300,5 +300,5 @@ async def test_yesterdays_daily_count_does_not_carry_over(make_limiter) -> None:
     clock = ManualClock()
     limiter = make_limiter(clock)
     yesterday = Day(id="2027-01-14", ends_in_s=1.0)
-    await limiter.observe(KEY, SMALL, yesterday, None, daily_remaining=10)
+    await limiter.observe(KEY, SMALL, yesterday, UpstreamCounts(daily_remaining=10))
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).daily_remaining == SMALL.daily - 1

@@ -57,6 +57,7 @@ class RedisCluster:
         """Start the nodes, create the cluster and wait until it serves every slot."""
         ports = _distinct_free_ports(2 * MASTERS)
         data_ports, bus_ports = ports[:MASTERS], ports[MASTERS:]
+        ready = False
         try:
             for port, bus in zip(data_ports, bus_ports, strict=True):
                 node = RedisServer(
@@ -77,9 +78,10 @@ class RedisCluster:
                 self.nodes.append(node.start())
             self._create(timeout_s)
             self._wait_ok(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+            ready = True
+        finally:
+            if not ready:  # no half-started cluster is left running
+                self.stop()
         return self
 
     def _create(self, timeout_s: float) -> None:
