@@ -1,6 +1,15 @@
 # hoopai-proxy as a container: a sidecar next to one app, or one replica of a shared gateway.
 #   docker build -t hoopai-proxy .
-#   docker run -p 8080:8080 -e HOOPAI_CLIENT_ID=... -e HOOPAI_CLIENT_SECRET=... hoopai-proxy
+# The container listens on 0.0.0.0 and has no caller keys, so it refuses to start until you
+# choose who may reach it (a proxy holding every sub-account's tokens must not be an open
+# relay):
+#  - a sidecar sharing the app's network namespace (a Kubernetes pod, or docker run
+#    --network container:APP): listen on loopback only, -e HOOPAI_PROXY_HOST=127.0.0.1;
+#  - a sidecar on a private network only its app can reach: -e HOOPAI_TRUST_NETWORK=true
+#    (logged as a warning at start);
+#  - anything else: mount a config with callers (config/gateway.yaml shows how).
+#   docker run -p 8080:8080 -e HOOPAI_CLIENT_ID=... -e HOOPAI_CLIENT_SECRET=... \
+#     -e HOOPAI_TRUST_NETWORK=true hoopai-proxy
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

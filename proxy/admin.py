@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.app import ADMISSION, CONFIG, METRICS, TOKENS
+from proxy.app import ADMISSION, CONFIG, METRICS, TOKENS, unexpected
 from proxy.errors import CallerUnauthenticated, RequestError, error_response
 
 MAIN_APP = web.AppKey("main_app", web.Application)
@@ -39,7 +39,9 @@ async def require_admin_token(request: web.Request, handler: Handler) -> web.Str
     token = request.app[MAIN_APP][CONFIG].admin.token
     if token:
         sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        # Bytes that are not UTF-8 arrive as surrogate escapes: encode them, never fail.
+        sent_bytes = sent.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent_bytes, f"Bearer {token}".encode()):
             return error_response(
                 CallerUnauthenticated(
                     "The admin listener needs Authorization: Bearer <admin.token>"
@@ -49,6 +51,10 @@ async def require_admin_token(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except RequestError as error:
         return error_response(error)
+    except web.HTTPException:
+        raise
+    except Exception as error:
+        return error_response(unexpected(request, error))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -24,6 +26,7 @@ from proxy.admission import Admission
 from proxy.config import Config, UpstreamConfig
 from proxy.errors import (
     BadRequest,
+    InternalError,
     NotFound,
     RequestError,
     TokenStoreUnavailable,
@@ -59,6 +62,7 @@ ADMISSION = web.AppKey("admission", Admission)
 WEBHOOKS = web.AppKey("webhooks", WebhookReceiver)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -186,14 +190,40 @@ def _upstream(
 
 @web.middleware
 async def answer_errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse targets a reverse proxy must not follow; turn RequestErrors into JSON."""
+    """Refuse targets a reverse proxy must not follow; turn RequestErrors into JSON, and
+    any unexpected exception into a JSON 500 `internal_error` with one log line."""
     try:
         refuse_non_origin_form(request)
         response = await handler(request)
     except RequestError as error:
         response = error_response(error)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (redirects of the install flow)
+    except Exception as error:
+        response = error_response(unexpected(request, error))
     request.app[METRICS].answers.labels(str(response.status)).inc()
     return response
+
+
+def unexpected(request: web.Request, error: Exception) -> InternalError:
+    """Log an unexpected exception as one line and say so to the caller.
+
+    The line names the exception's type and where it was raised, never its message or a
+    traceback with values: either may quote a header, a body or a token.
+    """
+    frame = traceback.extract_tb(error.__traceback__)[-1:] or None
+    where = f"{frame[0].filename}:{frame[0].lineno}" if frame else "?"
+    log.error(
+        "unexpected %s at %s answering %s %s",
+        type(error).__name__,
+        where,
+        request.method,
+        request.path,
+    )
+    return InternalError(
+        "The proxy failed unexpectedly on this request; it was logged. Retry, and report it "
+        "if it persists"
+    )
 
 
 def refuse_non_origin_form(request: web.Request) -> None:

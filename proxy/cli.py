@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from proxy.admin import create_admin_app
 from proxy.app import create_app
-from proxy.config import Config, describe_config, load_config
+from proxy.config import Config, describe_config, load_config, refuse_open_relay
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.server import bind_socket, run_forked_workers, serve_until_signalled
@@ -78,13 +79,16 @@ def config_from(path: str | None, environ: Mapping[str, str]) -> Config:
 
 def run_check_config(args: argparse.Namespace) -> int:
     config = config_from(args.file or args.config, os.environ)
+    refuse_open_relay(config)
     print(describe_config(config), end="")
     return EXIT_OK
 
 
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
+    refuse_open_relay(config)
     configure_logging(args.log_level)
+    warn_if_network_trusted(config)
     sock = _listen("server", config.server.host, config.server.port)
     admin_sock = _listen("admin", config.admin.host, config.admin.port)
     # Queued requests may wait max_wait_ms and then take up to timeout_s upstream.
@@ -109,6 +113,17 @@ def run_serve(args: argparse.Namespace) -> int:
     return run_forked_workers(
         config.server.workers, lambda: serve_one(banner=None), started=announce
     )
+
+
+def warn_if_network_trusted(config: Config) -> None:
+    """`server.trust_network` opens the managed tokens to the network: say so at start."""
+    if config.server.trust_network and not config.callers:
+        logging.getLogger("proxy.cli").warning(
+            "server.trust_network is true and no callers are configured: anything that "
+            "reaches %s:%d can send requests with the proxy's tokens",
+            config.server.host,
+            config.server.port,
+        )
 
 
 def _listen(section: str, host: str, port: int) -> socket.socket:

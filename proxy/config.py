@@ -118,6 +118,7 @@ _ALLOW = _pattern(
     rf"\*|(?:location|company):(?:\*|{_ID})",
     'must be "*", "location:*", "company:*", "location:<id>" or "company:<id>"',
 )
+_APP_RULE = _pattern(rf"\*|{_ID}", 'must be "*" or the name of a configured app')
 _SHA256 = _pattern(
     r"[0-9a-fA-F]{64}", "must be 64 hex characters (the SHA-256 of the caller key)", lower=True
 )
@@ -194,6 +195,18 @@ class ServerConfig:
     # Bodies up to this size are held so they can be searched for a locationId and sent
     # again after an upstream 429 or 401; larger ones stream through, sent once.
     replay_body_bytes: int = field(default=1048576, metadata=_rule(_POSITIVE))
+    # A non-loopback host with no callers is an open relay for the managed tokens: serve
+    # refuses it unless this says the network itself is trusted (a sidecar's pod network).
+    trust_network: bool = field(default=False, metadata=_rule(_boolean))
+    # Slow clients: a request's headers must arrive within header_timeout_s of the
+    # connection (or of the previous answer), its body within body_timeout_s, and an idle
+    # kept-alive connection is closed after keepalive_timeout_s.
+    header_timeout_s: float = field(default=10.0, metadata=_rule(_seconds))
+    body_timeout_s: float = field(default=60.0, metadata=_rule(_seconds))
+    keepalive_timeout_s: float = field(default=15.0, metadata=_rule(_seconds))
+    # Open client connections per process; more are closed at once. Lowered at start to
+    # what the process's open-file limit allows.
+    max_connections: int = field(default=4096, metadata=_rule(_POSITIVE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +265,8 @@ class LimitsConfig:
     mode: str = field(default="enforce", metadata=_rule(_one_of("enforce", "shadow")))
     burst: BurstConfig = field(default_factory=BurstConfig)
     daily: DailyConfig = field(default_factory=DailyConfig)
+    # Keys (app, resource) one process tracks at most; past it, new keys are refused 503.
+    max_tracked_keys: int = field(default=100000, metadata=_rule(_POSITIVE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +284,9 @@ class StoreConfig:
     sqlite_path: str = field(default="./data/tokens.db", metadata=_rule(_non_empty))
     on_redis_error: str = field(default="local", metadata=_rule(_one_of("local", "reject")))
     expected_replicas: int = field(default=1, metadata=_rule(_POSITIVE))
+    # Fernet keys, comma-separated: tokens are encrypted at rest with the first, and any
+    # of them can read. Empty: tokens are stored in clear (one warning at start).
+    encryption_key: str = field(default="", repr=False, metadata=_rule(_text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +294,8 @@ class CallerConfig:
     name: str = field(metadata=_rule(_NAME))
     key_sha256: str = field(repr=False, metadata=_rule(_SHA256))
     allow: tuple[str, ...] = field(metadata=_rule(_non_empty_list, item=_ALLOW))
+    # The apps (by name) this caller may use; "*" is every configured app.
+    apps: tuple[str, ...] = field(default=("*",), metadata=_rule(_non_empty_list, item=_APP_RULE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +311,9 @@ class TokensConfig:
         default="https://marketplace.gohighlevel.com/oauth/chooselocation",
         metadata=_rule(_redirect_uri),
     )
+    # Installs that did not start at /_proxy/oauth/start (the marketplace's own install
+    # button) arrive with no state to check; accepting them allows install CSRF.
+    accept_unsolicited_installs: bool = field(default=False, metadata=_rule(_boolean))
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +398,7 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _unique(config.apps, "apps", "client_id")
     _unique(config.callers, "callers", "name")
     _unique(config.callers, "callers", "key_sha256", secret=True)
+    _check_caller_apps(config)
     _check_admin_token(config.admin)
     _check_lock_outlives_refresh(config)
     _check_workers_share_limits(config)
@@ -482,14 +506,51 @@ def _unique(items: tuple[Any, ...], key: str, attr: str, *, secret: bool = False
         seen.add(value)
 
 
-def _check_admin_token(admin: AdminConfig) -> None:
-    if admin.token or admin.host == "localhost":
-        return
+def _check_caller_apps(config: Config) -> None:
+    names = {app.name for app in config.apps}
+    for i, caller in enumerate(config.callers):
+        for j, name in enumerate(caller.apps):
+            if name != "*" and name not in names:
+                raise ConfigError(
+                    f"callers[{i}].apps[{j}]",
+                    f"names no configured app, got {_show(name)}; use one of: "
+                    + ", ".join(sorted(names))
+                    + ' or "*"',
+                )
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses: only this machine can connect."""
+    if host == "localhost":
+        return True
     try:
-        if ipaddress.ip_address(admin.host).is_loopback:
-            return
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        pass
+        return False
+
+
+def refuse_open_relay(config: Config) -> None:
+    """Refuse to serve the managed tokens to a network with no caller keys.
+
+    Anyone who reaches a non-loopback port of a proxy without callers gets requests sent
+    with the tokens it holds. `serve` and `check-config` call this; the `tokens` CLI,
+    which serves nothing, does not.
+    """
+    server = config.server
+    if is_loopback_host(server.host) or config.callers or server.trust_network:
+        return
+    raise ConfigError(
+        "server.host",
+        f"{_show(server.host)} is not a loopback address and no callers are configured, so "
+        "anyone who reaches the port would use the proxy's tokens: configure callers (each "
+        "with a key), or set server.trust_network: true if only a trusted network (such as "
+        "a sidecar's pod network) can reach the port",
+    )
+
+
+def _check_admin_token(admin: AdminConfig) -> None:
+    if admin.token or is_loopback_host(admin.host):
+        return
     reason = f"is required when admin.host ({_show(admin.host)}) is not a loopback address"
     raise ConfigError("admin.token", reason)
 

@@ -8,7 +8,10 @@
         ├── CallerUnauthenticated   401 caller_unauthenticated
         ├── ReauthorizationRequired 401 reauthorization_required (refresh token dead)
         ├── WebhookRefused          401 webhook_rejected (signature, age, app)
+        ├── RequestTimeout          408 request_timeout (headers or body too slow)
         ├── ResourceForbidden       403 resource_forbidden
+        ├── CredentialPathRefused   403 credential_path_refused (/oauth/* with a managed token)
+        ├── InstallRefused          403 install_refused (install CSRF: state missing or wrong)
         ├── NotFound                404 not_found (an unknown /_proxy/ path)
         ├── NoToken                 404 no_token (nothing installed for the resource)
         ├── WebhookReplayed         409 webhook_replayed
@@ -18,6 +21,8 @@
         ├── LimiterUnavailable      503 limiter_unavailable
         ├── TokenStoreUnavailable   503 token_store_unavailable
         ├── TokenUnavailable        503 token_unavailable (refresh failed for now)
+        ├── TooManyKeys             503 too_many_keys (the process tracks its maximum)
+        ├── InternalError           500 internal_error (an unexpected exception)
         └── UpstreamTimeout         504 upstream_timeout
 
 Every error a caller sees has the upstream's error shape,
@@ -88,6 +93,21 @@ class ResourceForbidden(RequestError):
     code = "resource_forbidden"
 
 
+class CredentialPathRefused(RequestError):
+    status = 403
+    code = "credential_path_refused"
+
+
+class InstallRefused(RequestError):
+    status = 403
+    code = "install_refused"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    code = "request_timeout"
+
+
 class NotFound(RequestError):
     status = 404
     code = "not_found"
@@ -131,6 +151,16 @@ class TokenStoreUnavailable(RequestError):
 class TokenUnavailable(RequestError):
     status = 503
     code = "token_unavailable"
+
+
+class TooManyKeys(RequestError):
+    status = 503
+    code = "too_many_keys"
+
+
+class InternalError(RequestError):
+    status = 500
+    code = "internal_error"
 
 
 class UpstreamTimeout(RequestError):

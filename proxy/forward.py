@@ -29,6 +29,7 @@ from yarl import URL
 from proxy.admission import Admission
 from proxy.body import CHUNK_BYTES, RequestBody, read_body, too_large_message
 from proxy.config import Config
+from proxy.credential_paths import refuse_managed_credential_request
 from proxy.errors import BodyTooLarge, RateLimited, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import caller_response_headers, upstream_request_headers
 from proxy.limiter.base import Decision
@@ -91,6 +92,7 @@ class Forwarder:
             request.method, self.upstream_url(request), self._headers_for(request, target), body
         )
         if target.passthrough_token is None:
+            refuse_managed_credential_request(request.raw_path)
             await self._use_managed_token(outgoing, target)
         deadline = started + max_wait_s
         # Time spent getting the token counts against the caller's wait.

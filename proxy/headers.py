@@ -14,6 +14,7 @@ from typing import TypeAlias
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.errors import BadRequest
 from proxy.limiter.base import Decision, Limits
 
 # RFC 9110 7.6.1 lists Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding and
@@ -61,11 +62,26 @@ def upstream_request_headers(incoming: Headers, *, default_version: str) -> CIMu
     """
     drop = HOP_BY_HOP | connection_named(incoming) | {"host"}
     outgoing = _copy_except(incoming, drop)
+    _refuse_undecodable(outgoing)
     for name in [name for name in outgoing if name.lower().startswith(PROXY_HEADER_PREFIX)]:
         outgoing.popall(name)
     if "Version" not in outgoing and default_version:
         outgoing["Version"] = default_version
     return outgoing
+
+
+def _refuse_undecodable(headers: CIMultiDict[str]) -> None:
+    """Header bytes that are not UTF-8 reach us as surrogate escapes and cannot be sent on;
+    say which header, never its value."""
+    for name, value in headers.items():
+        if value.isascii():
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(
+                f"The {name[:64]!r} header holds bytes that are not UTF-8; send text"
+            ) from None
 
 
 def caller_response_headers(upstream: Headers) -> CIMultiDict[str]:

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,10 @@ COMPANY_HEADER = "X-HoopAI-Company-Id"
 APP_HEADER = "X-HoopAI-App"
 PROXY_KEY_HEADER = "X-HoopAI-Proxy-Key"
 
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+MAX_ID_CHARS = 128
+_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
+# The limit key of private integration (pit-) tokens: they belong to no marketplace app.
+PRIVATE_INTEGRATION = "private-integration"
 _LOCATIONS_PATH = re.compile(r"^/locations/([^/?]+)")
 _AUTH_CLASSES = {"Location": "location", "Company": "company"}
 
@@ -85,7 +89,7 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     try:
         payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
         claims = json.loads(payload)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         return None
     return claims if isinstance(claims, dict) else None
 
@@ -109,12 +113,20 @@ class Resolver:
         claims = jwt_claims(bearer) if bearer else None
         passthrough = bearer if bearer and is_highlevel_token(bearer, claims) else None
         caller = self._caller(facts.headers, bearer if passthrough is None else None)
-        app = self._app(facts.headers, claims if passthrough else None)
-        kind, resource_id = self._resource(facts, claims if passthrough else None)
+        app: AppConfig | None
+        if passthrough is not None and claims is not None:
+            app, (kind, resource_id) = self._token_target(facts, claims)
+            app_id = app.app_id
+        else:
+            # A private integration token (pit-) is opaque: it belongs to no marketplace
+            # app, so it is limited under a key of its own, never a configured app's.
+            app = None if passthrough else self._app(facts.headers)
+            app_id = app.app_id if app else PRIVATE_INTEGRATION
+            kind, resource_id = self._resource(facts)
         _check_id(resource_id, kind)
         if caller is not None:
             _check_allowed(caller, kind, resource_id)
-        app_id = app.app_id if app else _app_id_from_claims(claims)
+            _check_app_allowed(caller, app)
         return Target(
             app_id=app_id,
             app=app,
@@ -137,19 +149,10 @@ class Resolver:
             "(or as Authorization: Bearer <key> when the proxy holds the token)"
         )
 
-    def _app(
-        self, headers: CIMultiDictProxy[str], claims: dict[str, Any] | None
-    ) -> AppConfig | None:
+    def _app(self, headers: CIMultiDictProxy[str]) -> AppConfig:
         named = headers.get(APP_HEADER)
         if named is not None:
-            if named not in self._apps:
-                raise BadRequest(
-                    f"{APP_HEADER} names no configured app; send one of: "
-                    + ", ".join(sorted(self._apps))
-                )
-            return self._apps[named]
-        if claims is not None:
-            return self._apps_by_id.get(_app_id_from_claims(claims))
+            return self._named_app(named)
         if len(self._apps) == 1:
             return next(iter(self._apps.values()))
         raise BadRequest(
@@ -157,22 +160,91 @@ class Resolver:
             + ", ".join(sorted(self._apps))
         )
 
-    def _resource(self, facts: RequestFacts, claims: dict[str, Any] | None) -> tuple[str, str]:
-        for found in (
-            _from_headers(facts.headers),
-            _from_claims(claims),
-            _from_mapping(facts.query),
-            _from_path(facts.path),
-            _from_json(facts.json_body),
-            self._default,
-        ):
-            if found is not None:
-                return found
+    def _named_app(self, name: str) -> AppConfig:
+        if name not in self._apps:
+            raise BadRequest(
+                f"{APP_HEADER} names no configured app; send one of: "
+                + ", ".join(sorted(self._apps))
+            )
+        return self._apps[name]
+
+    def _token_target(
+        self, facts: RequestFacts, claims: dict[str, Any]
+    ) -> tuple[AppConfig, tuple[str, str]]:
+        """The app and resource a caller's own HighLevel token is for.
+
+        The upstream counts a request against the resource of the token that carries it,
+        so that is the key, whatever else the request names: a header, query, path or
+        body naming another resource of the same kind is refused, not believed.
+        """
+        app = self._token_app(facts.headers, claims)
+        own = _from_claims(claims)
+        if own is None:
+            raise BadRequest(
+                "The HighLevel token names no Location or Company (authClass / authClassId); "
+                "send a Location or Company access token"
+            )
+        for source, named in _named_resources(facts):
+            if _conflicts(own, named, source):
+                raise BadRequest(
+                    f"The {source} names {named[0]} {named[1][:MAX_ID_CHARS]}, but the "
+                    f"HighLevel token sent is for {own[0]} {own[1]}: the upstream counts "
+                    f"the request against the token's {own[0]}. Send a token for that "
+                    f"resource, or drop the {source}"
+                )
+        return app, own
+
+    def _token_app(self, headers: CIMultiDictProxy[str], claims: dict[str, Any]) -> AppConfig:
+        """The configured app a token belongs to; another app's token is refused, so it is
+        never counted against a configured app's key (nor grows state of its own)."""
+        app_id = _app_id_from_claims(claims)
+        app = self._apps_by_id.get(app_id) if app_id is not None else None
+        if app is None:
+            raise BadRequest(
+                "The HighLevel token belongs to a marketplace app this proxy is not "
+                "configured for; configured app ids: " + ", ".join(sorted(self._apps_by_id))
+            )
+        named = headers.get(APP_HEADER)
+        if named is not None and self._named_app(named) is not app:
+            raise BadRequest(
+                f"{APP_HEADER} names app {named!r}, but the HighLevel token sent belongs to "
+                f"app {app.name!r}; drop {APP_HEADER} or send that app's token"
+            )
+        return app
+
+    def _resource(self, facts: RequestFacts) -> tuple[str, str]:
+        """The first rule that names a resource; later rules are not even looked at."""
+        for _, found in _named_resources(facts):
+            return found
+        if self._default is not None:
+            return self._default
         raise ResourceUnresolved(
             f"Which Location or Company is this request for? Send {LOCATION_HEADER} or "
             f"{COMPANY_HEADER}, or a locationId/companyId in the query or JSON body, "
             "or set default_resource in the proxy's config"
         )
+
+
+def _named_resources(facts: RequestFacts) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(source, (kind, id)) for each rule that names a resource, in the order they win;
+    each rule is evaluated only when the one before it has been passed."""
+    if (found := _from_headers(facts.headers)) is not None:
+        yield "header", found
+    if (found := _from_mapping(facts.query)) is not None:
+        yield "query", found
+    if (found := _from_path(facts.path)) is not None:
+        yield "path", found
+    if (found := _from_json(facts.json_body)) is not None:
+        yield "JSON body", found
+
+
+def _conflicts(own: tuple[str, str], named: tuple[str, str], source: str) -> bool:
+    """Does `named` contradict the token's own resource? A header states the limit key
+    itself, so any other resource there does; elsewhere only the same kind does (an
+    agency token may well name a location in the query)."""
+    if named == own:
+        return False
+    return source == "header" or named[0] == own[0]
 
 
 def _from_headers(headers: CIMultiDictProxy[str]) -> tuple[str, str] | None:
@@ -213,13 +285,15 @@ def _from_json(body: bytes | None) -> tuple[str, str] | None:
         return None
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read
         return None
     return _from_mapping(document) if isinstance(document, dict) else None
 
 
 def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    # Header bytes that are not UTF-8 arrive as surrogate escapes; they hash (and so
+    # match no key) instead of failing to encode.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _split_resource(resource: str) -> tuple[str, str] | None:
@@ -229,18 +303,25 @@ def _split_resource(resource: str) -> tuple[str, str] | None:
     return kind, resource_id
 
 
-def _app_id_from_claims(claims: dict[str, Any] | None) -> str:
-    if claims is None:
-        return "private-integration"
+def _app_id_from_claims(claims: dict[str, Any]) -> str | None:
     meta = claims.get("oauthMeta")
     if isinstance(meta, dict) and isinstance(meta.get("client"), str):
         return str(meta["client"])
-    return str(claims.get("sourceId", "unknown")).split("-", 1)[0]
+    source = claims.get("sourceId")
+    return source.split("-", 1)[0] if isinstance(source, str) else None
 
 
 def _check_id(resource_id: str, kind: str) -> None:
     if not _ID.fullmatch(resource_id):
-        raise BadRequest(f"The {kind} id must be 1 to 128 letters, digits, '.', '_' or '-'")
+        raise BadRequest(
+            f"The {kind} id must be 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-'"
+        )
+
+
+def _check_app_allowed(caller: CallerConfig, app: AppConfig | None) -> None:
+    if app is None or "*" in caller.apps or app.name in caller.apps:
+        return
+    raise ResourceForbidden(f"Caller {caller.name!r} may not use app {app.name!r}")
 
 
 def _check_allowed(caller: CallerConfig, kind: str, resource_id: str) -> None:

@@ -59,7 +59,7 @@ async def test_path_and_raw_query_cross_byte_for_byte(simulator, start_proxy, ht
 async def test_every_method_and_body_is_forwarded(simulator, start_proxy, http, method) -> None:
     """Method and body arrive unchanged for every method the API uses."""
     proxy = await start_proxy(simulator.url)
-    body = json.dumps({"locationId": "loc1", "n": method}).encode()
+    body = json.dumps({"locationId": "forwardingTests", "n": method}).encode()
     seen = await echo(
         http,
         f"{proxy.url}/_sim/echo/x",
@@ -85,7 +85,7 @@ async def test_hop_by_hop_and_proxy_headers_stay_behind(simulator, start_proxy, 
             "Keep-Alive": "timeout=5",
             "TE": "trailers",
             "Proxy-Authorization": "Basic Zm9vOmJhcg==",
-            "X-HoopAI-Location-Id": "loc1",
+            "X-HoopAI-Location-Id": "forwardingTests",
             "X-HoopAI-Max-Wait-Ms": "0",
             "X-Kept": "kept",
         },

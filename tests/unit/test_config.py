@@ -72,6 +72,11 @@ def test_defaults_when_only_apps_given() -> None:
             "workers": 1,
             "max_body_bytes": 33554432,
             "replay_body_bytes": 1048576,
+            "trust_network": False,
+            "header_timeout_s": 10.0,
+            "body_timeout_s": 60.0,
+            "keepalive_timeout_s": 15.0,
+            "max_connections": 4096,
         },
         "admin": {"host": "127.0.0.1", "port": 9090, "token": ""},
         "upstream": {
@@ -94,6 +99,7 @@ def test_defaults_when_only_apps_given() -> None:
             "mode": "enforce",
             "burst": {"requests": 100, "interval_ms": 10000, "pad_ms": 100},
             "daily": {"requests": 200000, "timezone": "UTC"},
+            "max_tracked_keys": 100000,
         },
         "queue": {"mode": "queue", "max_wait_ms": 30000},
         "store": {
@@ -102,6 +108,7 @@ def test_defaults_when_only_apps_given() -> None:
             "sqlite_path": "./data/tokens.db",
             "on_redis_error": "local",
             "expected_replicas": 1,
+            "encryption_key": "",
         },
         "callers": (),
         "default_resource": "",
@@ -111,6 +118,7 @@ def test_defaults_when_only_apps_given() -> None:
             "refresh_token_max_age_days": 300,
             "keepalive_interval_s": 60.0,
             "authorize_url": "https://marketplace.gohighlevel.com/oauth/chooselocation",
+            "accept_unsolicited_installs": False,
         },
         "webhooks": {"ed25519_public_key": "", "rsa_public_key": "", "max_age_s": 300.0},
     }

@@ -55,14 +55,11 @@ LOCATION_TOKEN = jwt(
 
 
 def test_header_wins_over_every_other_rule() -> None:
-    """X-HoopAI-Location-Id beats token, query, path and body."""
+    """X-HoopAI-Location-Id beats query, path and body (managed token)."""
     target = resolver().resolve(
         facts(
             path="/locations/locPath",
-            headers={
-                "X-HoopAI-Location-Id": "locHeader",
-                "Authorization": f"Bearer {LOCATION_TOKEN}",
-            },
+            headers={"X-HoopAI-Location-Id": "locHeader"},
             query={"locationId": "locQuery"},
             body={"locationId": "locBody"},
         )
@@ -70,10 +67,26 @@ def test_header_wins_over_every_other_rule() -> None:
     assert (target.kind, target.id) == ("location", "locHeader")
 
 
+def test_later_rules_are_not_evaluated_once_one_answers() -> None:
+    """A header answers, so a body that is not even JSON is never read."""
+    target = resolver().resolve(
+        RequestFacts(
+            path="/contacts/",
+            headers=CIMultiDictProxy(CIMultiDict({"X-HoopAI-Location-Id": "l1"})),
+            query=MultiDictProxy(MultiDict()),
+            json_body=b"[" * 100_000,
+        )
+    )
+    assert target.id == "l1"
+
+
 def test_callers_own_token_is_passed_through_and_names_the_resource() -> None:
     """A HighLevel JWT names the resource and the app, and is kept for the upstream."""
     target = resolver().resolve(
-        facts(headers={"Authorization": f"Bearer {LOCATION_TOKEN}"}, query={"locationId": "q"})
+        facts(
+            headers={"Authorization": f"Bearer {LOCATION_TOKEN}"},
+            query={"locationId": "locFromToken", "companyId": "anyCompany"},
+        )
     )
     assert (target.kind, target.id, target.app_id) == ("location", "locFromToken", "6650aaaa")
     assert target.passthrough_token == LOCATION_TOKEN
