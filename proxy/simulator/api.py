@@ -1,7 +1,8 @@
 """The generic API endpoint: every path outside ``/oauth/`` and ``/_sim/``, any method.
 
 Checks run in the real API's order: connection faults (drop, latency), the ``Version``
-header, the bearer token, the limits of the token's resource, then answer faults (5xx,
+header, the bearer token, the token's class (``/companies/...`` is for agency tokens
+only, as the real API's company endpoints are), the limits of the token's resource, then answer faults (5xx,
 "Command timed out"), and finally a 200 echo of the request. Every answer from the limit
 stage on carries the five ``X-RateLimit-*`` headers, computed after this request.
 """
@@ -14,11 +15,13 @@ from http import HTTPStatus
 from aiohttp import web
 
 from proxy.simulator.echo import echo
+from proxy.simulator.oauth import NOT_ALLOWED
 from proxy.simulator.state import SIMULATOR, Simulator, Verdict
 from proxy.simulator.tokens import AccessGrant
 from proxy.simulator.wire import error_response
 
 _RESERVED_PREFIXES = ("/oauth/", "/_sim/")
+_AGENCY_ONLY_PREFIX = "/companies/"
 
 
 def drop_connection(request: web.Request) -> web.StreamResponse:
@@ -71,6 +74,8 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
     if grant is None:
         sim.counters.invalid_jwt += 1
         return error_response(401, "Invalid JWT")
+    if request.path.startswith(_AGENCY_ONLY_PREFIX) and grant.install.user_type != "Company":
+        return error_response(401, NOT_ALLOWED)
     verdict, view = sim.gate(grant.install.resource)
     headers = view.headers()
     if verdict is not Verdict.ADMITTED:

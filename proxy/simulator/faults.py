@@ -30,6 +30,9 @@ class Faults:
     token_accept_delay_ms: float = 0.0
     force_429: int = 0
     inactive_locations: set[str] = field(default_factory=set)
+    # Location ids no Company owns: /oauth/locationToken refuses them even under a Company
+    # install that approves every location (the proxy cannot know they do not exist).
+    unknown_locations: set[str] = field(default_factory=set)
 
     def merge(self, updates: Mapping[str, object]) -> None:
         """Apply a partial update; raises ``ValueError`` naming the bad field, changing nothing."""
@@ -40,6 +43,7 @@ class Faults:
     def as_json(self) -> dict[str, object]:
         data = asdict(self)
         data["inactive_locations"] = sorted(self.inactive_locations)
+        data["unknown_locations"] = sorted(self.unknown_locations)
         return data
 
 
@@ -52,9 +56,9 @@ def _check(name: str, value: object) -> object:
         return int(_number(name, value, 500, 599, integer=True))
     if name == "force_429":
         return int(_number(name, value, 0, float("inf"), integer=True))
-    if name == "inactive_locations":
+    if name in ("inactive_locations", "unknown_locations"):
         if not isinstance(value, list | tuple | set) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"inactive_locations: must be a list of location ids, got {value!r}")
+            raise ValueError(f"{name}: must be a list of location ids, got {value!r}")
         return set(value)
     raise ValueError(f"{name}: unknown fault")
 

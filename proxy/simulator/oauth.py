@@ -25,7 +25,7 @@ _CAMEL_FIELDS = {
     "userType": "user_type",
     "redirectUri": "redirect_uri",
 }
-_NOT_ALLOWED = (
+NOT_ALLOWED = (
     "This authClass type is not allowed to access this scope. "
     "Please reach out to the Platform team to get it added."
 )
@@ -137,7 +137,7 @@ def _company_install(sim: Simulator, request: web.Request) -> Install | web.Resp
         sim.counters.invalid_jwt += 1
         return error_response(401, "Invalid JWT")
     if grant.install.user_type != "Company":
-        return error_response(401, _NOT_ALLOWED)
+        return error_response(401, NOT_ALLOWED)
     return grant.install
 
 
@@ -151,7 +151,7 @@ def location_token_answer(
         return error_response(400, "companyId and locationId are required", error="Bad Request")
     if company_id != company.company_id:
         return error_response(400, "The token does not belong to this company", error="Bad Request")
-    if not company.approves(location_id):
+    if not company.approves(location_id) or location_id in sim.faults.unknown_locations:
         return error_response(400, "The app is not installed on this location", error="Bad Request")
     if location_id in sim.faults.inactive_locations:
         return error_response(400, "Location is not active")
@@ -166,6 +166,7 @@ def location_token_answer(
 
 async def location_token_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
+    sim.counters.location_token_requests += 1
     company = _company_install(sim, request)
     form = await read_form(request)
     answer = (

@@ -25,6 +25,8 @@ class Stats:
     the ``/_sim/`` probes (echo, download, slow, headers), not OAuth or control calls;
     ``probe_requests`` is the probes' share. ``rate_limited`` counts every 429 the generic
     endpoint answered, ``forced_429`` the subset forced by the fault.
+    ``location_token_requests`` counts every call to ``/oauth/locationToken``, refused or
+    not; ``location_tokens_minted`` the ones that handed out a token.
     """
 
     requests: int = 0
@@ -40,6 +42,7 @@ class Stats:
     missing_version: int = 0
     codes_exchanged: int = 0
     invalid_codes: int = 0
+    location_token_requests: int = 0
     location_tokens_minted: int = 0
     dropped: int = 0
     faults_5xx: int = 0

@@ -1,11 +1,11 @@
 """`POST /_proxy/webhooks/{app}`: acting on HighLevel's INSTALL and UNINSTALL deliveries.
 
 A delivery is acted on only if it is signed by a configured key (webhooks.py), names the
-app of its URL, is fresh (`webhooks.max_age_s`), and its `webhookId` was not seen before
-(claimed once in the shared store, so a replay to another replica is refused too).
-UNINSTALL deletes the resource's tokens: they are dead upstream. INSTALL for a location
-of a Company install mints the location token at once. The answer is 2xx only once the
-change is stored.
+app of its URL, is fresh (`webhooks.max_age_s`), carries a `webhookId` string, and that id
+was not seen before (claimed once in the shared store, so a replay to another replica is
+refused too). UNINSTALL deletes the resource's tokens: they are dead upstream. INSTALL for
+a location of a Company install mints the location token at once. The answer is 2xx only
+once the change is stored.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from proxy.tokens.webhooks import (
     WebhookRejected,
     check_fresh,
     parse_event,
+    require_webhook_id,
     verify_signature,
 )
 
@@ -59,16 +60,19 @@ class WebhookReceiver:
                 "No such app: deliveries go to /_proxy/webhooks/NAME with NAME one of: "
                 + ", ".join(sorted(self._apps))
             )
-        event = self._verified(app, await request.read(), request)
-        if event.webhook_id and not await self._manager.store.claim_once(
-            f"webhook:{event.webhook_id}", self._config.max_age_s * 2
+        event, webhook_id = self._verified(app, await request.read(), request)
+        if not await self._manager.store.claim_once(
+            f"webhook:{webhook_id}", self._config.max_age_s * 2
         ):
-            raise WebhookReplayed(f"Delivery {event.webhook_id} was already received")
+            raise WebhookReplayed(f"Delivery {webhook_id} was already received")
         action = await self._apply(app, event)
         log.info("webhook %s for app %s: %s", event.type, app.name, action)
         return web.json_response({"status": "ok", "action": action})
 
-    def _verified(self, app: AppConfig, body: bytes, request: web.Request) -> WebhookEvent:
+    def _verified(
+        self, app: AppConfig, body: bytes, request: web.Request
+    ) -> tuple[WebhookEvent, str]:
+        """The event and its webhookId, or WebhookRefused saying what is wrong."""
         try:
             verify_signature(self._keys, body, request.headers)
             event = parse_event(body)
@@ -78,9 +82,10 @@ class WebhookReceiver:
                     f"{app.name!r} ({app.app_id})"
                 )
             check_fresh(event, datetime.fromtimestamp(self._clock(), UTC), self._config.max_age_s)
+            webhook_id = require_webhook_id(event)
         except WebhookRejected as exc:
             raise WebhookRefused(exc.reason) from exc
-        return event
+        return event, webhook_id
 
     async def _apply(self, app: AppConfig, event: WebhookEvent) -> str:
         if event.type == UNINSTALL:
@@ -90,6 +95,8 @@ class WebhookReceiver:
                 f"deleted {kind} {resource_id}" if deleted else f"no token for {kind} {resource_id}"
             )
         if event.type == INSTALL and event.install_type == "Location" and event.location_id:
+            # A location minting failed for before may be approved now.
+            self._manager.forget((app.app_id, "location", event.location_id))
             try:
                 await self._manager.access_token(app, "location", event.location_id)
             except NoToken:

@@ -13,7 +13,10 @@ A refresh token the upstream calls invalid (`invalid_grant`) is re-read first (a
 replica may have won); if it is still the one that failed, the record is marked
 `needs_reauth` and callers get 401 `reauthorization_required`. A Location without a token
 of its own, under a Company install that approves it, gets a token minted from the
-Company token (single-flight too).
+Company token (single-flight too); a Company token refused there as `Invalid JWT` is
+refreshed and the mint tried once more. A location nothing could mint for is remembered
+for `MISSING_TTL_S` (at most `MAX_MISSING` of them, the oldest forgotten first), so asking
+again costs no store scan and no upstream call; an install of it forgets that at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -37,6 +41,7 @@ from proxy.metrics import Metrics
 from proxy.tokens.oauth import (
     ClientRejected,
     InvalidGrant,
+    InvalidJwt,
     LocationInactive,
     OAuthClient,
     TokenEndpointError,
@@ -50,6 +55,10 @@ Key = tuple[str, str, str]
 WAIT_POLL_S = 0.05
 LOCK_MARGIN_S = 1.0  # kept between the last possible answer and the lock's expiry
 STORE_ATTEMPTS = 3
+# Short: a location may be added to a Company install upstream at any time, and this
+# process hears of it only through an install or INSTALL delivery that reaches it.
+MISSING_TTL_S = 60.0
+MAX_MISSING = 10_000
 
 
 class TokenManager:
@@ -75,6 +84,8 @@ class TokenManager:
         self._clock = clock
         self._cache: dict[Key, TokenRecord] = {}
         self._inflight: dict[Key, asyncio.Task[TokenRecord]] = {}
+        # (app id, location id) -> until when minting for it is known to fail
+        self._missing: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     @classmethod
     def for_config(
@@ -128,6 +139,11 @@ class TokenManager:
         record)."""
         stored = await self.store.replace(record)
         self._cache[stored.key] = stored  # a reinstall may restart versions: it always wins
+        if stored.kind == "location":
+            self._missing.pop((stored.app, stored.id), None)
+        else:  # a Company install may approve any location of its app
+            for missing in [m for m in self._missing if m[0] == stored.app]:
+                del self._missing[missing]
         log.info("installed token %s (version %d)", stored.tag, stored.version)
         return stored
 
@@ -159,8 +175,10 @@ class TokenManager:
         return record.expires_at if record is not None else None
 
     def forget(self, key: Key) -> None:
-        """Drop a cached record (after an uninstall or a reinstall)."""
+        """Drop what is cached about `key` (after an uninstall, a reinstall, or an INSTALL
+        delivery): its record, and that nothing could be minted for it."""
         self._cache.pop(key, None)
+        self._missing.pop((key[0], key[2]), None)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -278,8 +296,7 @@ class TokenManager:
                 return await self.oauth.refresh(
                     app, current.refresh_token, current.user_type, start_by=start_by
                 )
-            company_token = await self.access_token(app, "company", current.company_id)
-            return await self.oauth.location_token(company_token, current.company_id, current.id)
+            return await self._location_grant(app, current.company_id, current.id)
         except InvalidGrant:
             raise
         except LocationInactive as exc:
@@ -339,10 +356,11 @@ class TokenManager:
         existing = await self.store.get(app.app_id, "location", location_id)
         if existing is not None:
             return existing
+        if self._known_missing(app.app_id, location_id):
+            raise _nothing_mints(app, location_id)
         for company in await self._approving_companies(app, location_id):
-            company_token = await self.access_token(app, "company", company.id)
             try:
-                grant = await self.oauth.location_token(company_token, company.id, location_id)
+                grant = await self._location_grant(app, company.id, location_id)
             except TokenEndpointError as exc:
                 log.info(
                     "company %s could not mint for location %s: %s",
@@ -355,11 +373,36 @@ class TokenManager:
             stored = await self.store.replace(record)
             log.info("minted a location token for %s from company %s", record.tag, company.id)
             return stored
-        raise NoToken(
-            f"No token is installed for location {location_id} of app {app.name!r}, and no "
-            "installed Company approves it: install the app there (open "
-            f"/_proxy/oauth/start?app={app.name})"
-        )
+        self._remember_missing(app.app_id, location_id)
+        raise _nothing_mints(app, location_id)
+
+    async def _location_grant(
+        self, app: AppConfig, company_id: str, location_id: str
+    ) -> TokenGrant:
+        """A Location token from the Company's; a Company token refused as Invalid JWT
+        (revoked, or expired before its time) is refreshed and the mint tried once more."""
+        company_token = await self.access_token(app, "company", company_id)
+        try:
+            return await self.oauth.location_token(company_token, company_id, location_id)
+        except InvalidJwt:
+            log.info("company %s token refused while minting; refreshing it", company_id)
+        company_token = await self.after_invalid_jwt(app, "company", company_id, company_token)
+        return await self.oauth.location_token(company_token, company_id, location_id)
+
+    def _known_missing(self, app_id: str, location_id: str) -> bool:
+        until = self._missing.get((app_id, location_id))
+        if until is None:
+            return False
+        if until > self._clock():
+            return True
+        del self._missing[(app_id, location_id)]
+        return False
+
+    def _remember_missing(self, app_id: str, location_id: str) -> None:
+        self._missing[(app_id, location_id)] = self._clock() + MISSING_TTL_S
+        self._missing.move_to_end((app_id, location_id))
+        while len(self._missing) > MAX_MISSING:
+            self._missing.popitem(last=False)
 
     async def _approving_companies(self, app: AppConfig, location_id: str) -> list[TokenRecord]:
         companies = [
@@ -378,6 +421,14 @@ def _read_outcome(task: asyncio.Task[TokenRecord]) -> None:
     """Mark a shared task's exception as seen: its callers may all have gone."""
     if not task.cancelled():
         task.exception()
+
+
+def _nothing_mints(app: AppConfig, location_id: str) -> NoToken:
+    return NoToken(
+        f"No token is installed for location {location_id} of app {app.name!r}, and no "
+        "installed Company approves it: install the app there (open "
+        f"/_proxy/oauth/start?app={app.name})"
+    )
 
 
 def _refuse_dead(record: TokenRecord, app: AppConfig) -> None:

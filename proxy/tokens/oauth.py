@@ -3,6 +3,7 @@
 Answers are classified here, at one seam, so the token manager sees only the proxy's own
 outcomes: a `TokenGrant`; `InvalidGrant` (the refresh token is dead: reinstall);
 `LocationInactive` (temporary: keep the token); `ClientRejected` (wrong client secret);
+`InvalidJwt` (the Company bearer token of /oauth/locationToken was refused: refresh it);
 or, after a few quick retries of network errors and 5xx, `TokenUnavailable`.
 """
 
@@ -45,6 +46,11 @@ class LocationInactive(TokenEndpointError):
 
 class ClientRejected(TokenEndpointError):
     """The app's client id or secret was refused."""
+
+
+class InvalidJwt(TokenEndpointError):
+    """The bearer token sent was refused as `Invalid JWT`: expired or revoked, perhaps
+    before the expiry the proxy was told."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +231,8 @@ def _classified(status: int, body: dict[str, Any], path: str) -> dict[str, Any]:
     message = str(body.get("message") or body.get("error_description") or f"HTTP {status}")
     if status == 401 and "client" in message.lower():
         raise ClientRejected(message)
+    if status == 401 and message.strip().lower() == "invalid jwt":
+        raise InvalidJwt(f"{path} answered 401: {message}")
     if "not active" in message.lower():
         raise LocationInactive(message)
     if body.get("error") == "invalid_grant" or "invalid grant" in message.lower():

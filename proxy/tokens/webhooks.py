@@ -9,10 +9,11 @@ Pure functions, no I/O. The webhook handler runs them in this order, on the raw 
 2. ``parse_event(body)``: the ``WebhookEvent``. ``INSTALL`` and ``UNINSTALL`` are checked
    for the fields acting on them needs; every other type parses but carries no action.
 3. ``check_fresh(event, now, max_age_s)``: refuses a ``timestamp`` outside the window.
-4. Replay refusal is the caller's, not this module's: it needs a store shared by every
-   replica, so the caller claims ``event.webhook_id`` once (``claim_once``) and refuses a
-   delivery without one or whose id was already claimed. The freshness window bounds how
-   long a claim must be remembered.
+4. ``require_webhook_id(event)``: a delivery without a non-empty ``webhookId`` string
+   cannot be told from its replay, so it is refused. Refusing a replay itself is the
+   caller's, not this module's: it needs a store shared by every replica, so the caller
+   claims the id once (``claim_once``) and refuses an id already claimed. The freshness
+   window bounds how long a claim must be remembered.
 
 Every refusal is a ``WebhookRejected`` whose ``reason`` is one sentence a sender's operator
 can act on; it never quotes a signature or the body.
@@ -268,6 +269,16 @@ def _check_actionable(event: WebhookEvent) -> None:
         raise WebhookRejected('The INSTALL payload for a Location has no "locationId" string.')
     if event.install_type == "Company" and event.company_id is None:
         raise WebhookRejected('The INSTALL payload for a Company has no "companyId" string.')
+
+
+def require_webhook_id(event: WebhookEvent) -> str:
+    """The delivery's ``webhookId``; refused when it is missing, empty or not a string."""
+    if event.webhook_id is None:
+        raise WebhookRejected(
+            'The webhook payload has no "webhookId" string; HighLevel gives every delivery '
+            "one, and without it a replay cannot be recognised, so the delivery is refused."
+        )
+    return event.webhook_id
 
 
 # -- freshness ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, h
         simulator.url,
         limits={"burst": {"requests": 5, "interval_ms": 1000, "pad_ms": 0}},
         queue={"max_wait_ms": 5000},
+        tokens={"accept_unsolicited_installs": True},  # the callback below has no state
     )
     admin = await start_admin(proxy)
     try:

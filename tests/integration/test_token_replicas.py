@@ -10,6 +10,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from tests.conftest import SIM_CLIENT_ID
+from tests.support.installs import install_via_start
 from tests.support.leaks import leaked
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
@@ -25,8 +26,7 @@ def shared(redis_server, **more: Any) -> dict[str, Any]:
 
 async def install(http: aiohttp.ClientSession, proxy_url: str, simulator) -> None:
     code, _ = simulator.state.install(SIM_CLIENT_ID, location_id=LOCATION)
-    async with http.get(f"{proxy_url}/_proxy/oauth/callback?code={code}&state=main") as answer:
-        assert answer.status == 200, await answer.text()
+    await install_via_start(http, proxy_url, code)
 
 
 async def managed(http: aiohttp.ClientSession, proxy_url: str, index: int = 0) -> tuple[int, Any]:

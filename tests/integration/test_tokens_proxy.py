@@ -16,6 +16,7 @@ from proxy.app import CONFIG, TOKENS
 from proxy.errors import NoToken
 from proxy.tokens.keepalive import KeepAlive
 from tests.conftest import SIM_CLIENT_ID
+from tests.support.installs import INSTALL_COOKIE, install_via_start
 from tests.support.leaks import leaked
 from tests.support.limiters import ManualClock
 
@@ -36,12 +37,9 @@ def no_token_in_logs(caplog: pytest.LogCaptureFixture, simulator) -> Iterator[No
 
 
 async def install(http: aiohttp.ClientSession, proxy_url: str, simulator, **where: Any) -> str:
-    """Install the app through the proxy's OAuth callback, as a browser would."""
+    """Install the app as a browser would: /_proxy/oauth/start, then the callback."""
     code, _ = simulator.state.install(SIM_CLIENT_ID, **where)
-    async with http.get(f"{proxy_url}/_proxy/oauth/callback?code={code}&state=main") as answer:
-        page = await answer.text()
-        assert answer.status == 200, page
-    return page
+    return await install_via_start(http, proxy_url, code)
 
 
 async def managed(
@@ -73,7 +71,8 @@ async def test_start_redirects_to_the_authorization_page(simulator, start_proxy,
         assert answer.status == 302
         location = answer.headers["Location"]
     assert location.startswith("https://marketplace.gohighlevel.com/oauth/chooselocation?")
-    assert f"client_id={SIM_CLIENT_ID}" in location and "state=main" in location
+    assert f"client_id={SIM_CLIENT_ID}" in location and "state=main." in location
+    assert INSTALL_COOKIE in answer.cookies  # the nonce the callback must bring back
 
 
 async def test_refresh_storm_embedded_one_refresh(simulator, start_proxy, http) -> None:
@@ -211,9 +210,9 @@ async def test_other_401s_pass_through_untouched(simulator, start_proxy, http) -
     """A 401 that is not Invalid JWT (scope, authClass) goes back as is, with no refresh."""
     proxy = await start_proxy(simulator.url, **ROOMY)
     await install(http, proxy.url, simulator, location_id=LOCATION)
-    # A Location token may not list a company's installs: the upstream says so with a 401.
+    # A Location token may not read a company: the upstream says so with a 401.
     headers = {"X-HoopAI-Location-Id": LOCATION}
-    url = f"{proxy.url}/oauth/installedLocations?companyId=co1"
+    url = f"{proxy.url}/companies/co1"
     async with http.get(url, headers=headers) as answer:
         body = await answer.json()
     assert answer.status == 401 and "authClass type is not allowed" in body["message"]

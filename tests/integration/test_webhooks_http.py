@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import SIM_CLIENT_ID
+from tests.support.installs import install_via_start
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 SIGNER = Ed25519PrivateKey.generate()
@@ -60,8 +61,7 @@ async def proxy(simulator, start_proxy) -> Any:
 
 async def installed(http: aiohttp.ClientSession, proxy_url: str, simulator, location: str) -> None:
     code, _ = simulator.state.install(SIM_CLIENT_ID, location_id=location)
-    async with http.get(f"{proxy_url}/_proxy/oauth/callback?code={code}") as answer:
-        assert answer.status == 200
+    await install_via_start(http, proxy_url, code)
 
 
 async def managed_status(http: aiohttp.ClientSession, proxy_url: str, location: str) -> int:
@@ -85,8 +85,7 @@ async def test_install_for_an_approved_location_mints_its_token(simulator, proxy
     code, _ = simulator.state.install(
         SIM_CLIENT_ID, user_type="Company", company_id="whCo", approved_locations=["whLoc2"]
     )
-    async with http.get(f"{proxy.url}/_proxy/oauth/callback?code={code}") as answer:
-        assert answer.status == 200
+    await install_via_start(http, proxy.url, code)
     payload = event("INSTALL", installType="Location", locationId="whLoc2", companyId="whCo")
     status, body = await deliver(http, proxy.url, payload)
     assert (status, body["action"]) == (200, "token ready for location whLoc2")

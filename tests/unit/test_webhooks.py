@@ -22,6 +22,7 @@ from proxy.tokens.webhooks import (
     WebhookRejected,
     check_fresh,
     parse_event,
+    require_webhook_id,
     verify_signature,
 )
 
@@ -304,6 +305,20 @@ def test_parse_uninstall_location_and_company() -> None:
     assert (location.type, location.location_id, location.company_id) == ("UNINSTALL", "loc1", None)
     assert (company.location_id, company.company_id) == (None, "co1")
     assert location.timestamp is None and location.webhook_id is None
+
+
+@pytest.mark.parametrize("webhook_id", [None, "", 12345, ["wh1"]])
+def test_delivery_without_a_webhook_id_string_is_refused(webhook_id: object) -> None:
+    """No webhookId, an empty one or a non-string: refused naming webhookId, since such a
+    delivery cannot be told from its replay; a real id is handed back."""
+    payload = json.loads(BODY)
+    if webhook_id is None:
+        del payload["webhookId"]
+    else:
+        payload["webhookId"] = webhook_id
+    with pytest.raises(WebhookRejected, match="webhookId"):
+        require_webhook_id(parse_event(json.dumps(payload).encode()))
+    assert require_webhook_id(parse_event(BODY)) == "wh1"
 
 
 def test_parse_other_type_needs_no_app_id() -> None:
