@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=30, help="requests to send (default 30)")
     demo.set_defaults(run=run_demo)
 
-    tokens = commands.add_parser("tokens", help="add, list, delete or refresh stored tokens")
+    tokens = commands.add_parser(
+        "tokens", help="add, list, delete, refresh or reencrypt stored tokens"
+    )
     _add_tokens_arguments(tokens)
     return parser
 

@@ -32,6 +32,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from proxy.errors import ConfigError
+from proxy.tokens.sealing import Sealer
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -403,6 +404,7 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _check_lock_outlives_refresh(config)
     _check_workers_share_limits(config)
     _check_webhook_keys(config.webhooks)
+    Sealer.from_config(config.store.encryption_key)  # a malformed key names itself, not its value
     return config
 
 

@@ -2,9 +2,10 @@
 
 Checks run in the real API's order: connection faults (drop, latency), the ``Version``
 header, the bearer token, the token's class (``/companies/...`` is for agency tokens
-only, as the real API's company endpoints are), the limits of the token's resource, then answer faults (5xx,
-"Command timed out"), and finally a 200 echo of the request. Every answer from the limit
-stage on carries the five ``X-RateLimit-*`` headers, computed after this request.
+only, as the real API's company endpoints are), the limits of the token's resource, then
+answer faults (5xx, "Command timed out"), and finally a 200 echo of the request. Every
+answer from the limit stage on carries the five ``X-RateLimit-*`` headers, computed after
+this request.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""`hoopai-proxy tokens add|list|delete|refresh`: the stored tokens, from the command line.
+"""`hoopai-proxy tokens add|list|delete|refresh|reencrypt`: the stored tokens, from the
+command line.
 
 For existing installs (a refresh token from another system) and for operators. Every
 command works on the configured store (SQLite file or Redis) and upstream, so it is safe
-while proxies run: `refresh` goes through the token manager and its cross-process lock.
-A refresh token is read from stdin or a file, never from argv (every user sees argv in
-`ps`), and no command ever prints a token or any part of one.
+while proxies run: `refresh` goes through the token manager and its cross-process lock,
+and `reencrypt` rewrites a record only if it is unchanged since it read it. A refresh
+token is read from stdin or a file, never from argv (every user sees argv in `ps`), and
+no command ever prints a token, a key or any part of one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from proxy.app import upstream_session
 from proxy.cli import CONFIG_ENV, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, config_from
 from proxy.config import AppConfig, Config
-from proxy.errors import ProxyError, RequestError, TokenUnavailable
+from proxy.errors import ConfigError, ProxyError, RequestError, TokenUnavailable
 from proxy.redis_client import connect_redis
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import (
@@ -34,6 +36,9 @@ from proxy.tokens.oauth import (
     OAuthClient,
     TokenEndpointError,
 )
+from proxy.tokens.redis import RedisTokenStore
+from proxy.tokens.sealing import Sealer, reencrypt
+from proxy.tokens.sqlite import SqliteTokenStore
 from proxy.tokens.store import TokenRecord
 from proxy.tokens.stores import open_token_store
 
@@ -54,10 +59,13 @@ class Refused(ProxyError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `add`, `list`, `delete` and `refresh` under the `tokens` command."""
+    """Add `add`, `list`, `delete`, `refresh` and `reencrypt` under the `tokens` command."""
     commands = parser.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help=f"config file (default: ${CONFIG_ENV})")
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument(
+        "--config", metavar="FILE", help=f"config file (default: ${CONFIG_ENV})"
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[config_only])
     common.add_argument(
         "--app", metavar="NAME", help="app name from the config (optional with one app)"
     )
@@ -82,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _resource_arguments(delete)
     refresh = _subcommand(commands, "refresh", common, run_refresh, "refresh a token now")
     _resource_arguments(refresh)
+    _subcommand(
+        commands,
+        "reencrypt",
+        config_only,
+        run_reencrypt,
+        "encrypt every stored token with the first key of store.encryption_key",
+    )
 
 
 def _subcommand(
@@ -137,6 +152,17 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_refresh(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
     return _run(args, lambda: _refresh(config, args))
+
+
+def run_reencrypt(args: argparse.Namespace) -> int:
+    config = config_from(args.config, os.environ)
+    # Checked here, before any store opens: a malformed key is a ConfigError too (exit 2).
+    if not Sealer.from_config(config.store.encryption_key).enabled:
+        raise ConfigError(
+            "store.encryption_key",
+            "is not set: tokens reencrypt encrypts every token with its first key",
+        )
+    return _run(args, lambda: _reencrypt(config))
 
 
 def _run(args: argparse.Namespace, command: Callable[[], Coroutine[Any, Any, None]]) -> int:
@@ -251,23 +277,39 @@ async def _refresh(config: Config, args: argparse.Namespace) -> None:
     )
 
 
+async def _reencrypt(config: Config) -> None:
+    async with _store(config) as store:
+        rewritten, total = await reencrypt(store)
+    print(
+        f"rewrote {rewritten} of {total} token records with the first key of "
+        "store.encryption_key (the others already were)"
+    )
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
 @asynccontextmanager
-async def _tokens(config: Config) -> AsyncIterator[TokenManager]:
-    """The configured store and upstream behind a TokenManager; all closed on the way out."""
+async def _store(config: Config) -> AsyncIterator[SqliteTokenStore | RedisTokenStore]:
+    """The configured store (and its Redis client); both closed on the way out. An operator
+    runs these commands by hand: no warning about a missing key on each."""
     redis = await connect_redis(config.store) if config.store.redis_url else None
     try:
-        store = await open_token_store(config.store, redis)
+        store = await open_token_store(config.store, redis, warn_clear=False)
         try:
-            async with upstream_session(config.upstream) as session:
-                yield TokenManager.for_config(config, store, session)
+            yield store
         finally:
             await store.close()
     finally:
         if redis is not None:
             await redis.aclose()
+
+
+@asynccontextmanager
+async def _tokens(config: Config) -> AsyncIterator[TokenManager]:
+    """The configured store and upstream behind a TokenManager; all closed on the way out."""
+    async with _store(config) as store, upstream_session(config.upstream) as session:
+        yield TokenManager.for_config(config, store, session)
 
 
 def _app(config: Config, name: str | None) -> AppConfig:

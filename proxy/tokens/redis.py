@@ -17,8 +17,10 @@ record); removing a tag re-checks the record and puts the tag back if the record
 So the index lists every live record, plus at worst a few tags whose record is gone,
 which list() skips and prunes.
 
-Redis errors are translated here, at one boundary, into `TokenStoreUnavailable`; nothing
-above this module sees a redis-py type.
+A record's two tokens are stored sealed by the store's `Sealer` (in clear without a key);
+every other field, the version above all, stays plain for the scripts. Redis errors are
+translated here, at one boundary, into `TokenStoreUnavailable`; nothing above this module
+sees a redis-py type.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.errors import TokenStoreUnavailable
+from proxy.tokens.sealing import Sealer
 from proxy.tokens.store import TokenRecord
 
 logger = logging.getLogger(__name__)
 
 INDEX_KEY = "hoopai:tokens"
 LIST_BATCH = 200  # records read per pipeline round trip in list()
+RESEAL_ATTEMPTS = 5  # reads of a record that keeps changing while it is sealed again
 
 
 def record_key(tag: str) -> str:
@@ -62,10 +66,13 @@ def claim_key(name: str) -> str:
 class RedisTokenStore:
     """Token records in Redis (or Redis Cluster), shared by every replica using it."""
 
-    def __init__(self, client: Redis | RedisCluster) -> None:
+    def __init__(self, client: Redis | RedisCluster, *, sealer: Sealer | None = None) -> None:
+        """`sealer` seals the tokens at rest (default: none, tokens in clear)."""
         self._client = client
+        self._sealer = sealer or Sealer()
         self._cas = self._script(client, "compare_and_set.lua")
         self._replace = self._script(client, "replace.lua")
+        self._reseal = self._script(client, "reseal.lua")
         self._release = self._script(client, "release_lock.lua")
 
     @staticmethod
@@ -76,15 +83,14 @@ class RedisTokenStore:
     async def get(self, app: str, kind: str, id: str) -> TokenRecord | None:
         with _translated():
             stored = await self._client.hgetall(record_key(f"{app}:{kind}:{id}"))
-        return _decode(stored) if stored else None
+        return self._sealer.open_record(_decode(stored)) if stored else None
 
     async def compare_and_set(self, record: TokenRecord) -> bool:
         with _translated():
             if record.version == 1:
                 await self._index(record.tag)
-            stored = await self._cas(
-                keys=[record_key(record.tag)], args=[record.version, *_encode(record)]
-            )
+            sealed = _encode(self._sealer.seal_record(record))
+            stored = await self._cas(keys=[record_key(record.tag)], args=[record.version, *sealed])
             if stored:
                 await self._index(record.tag)
         return bool(stored)
@@ -92,7 +98,8 @@ class RedisTokenStore:
     async def replace(self, record: TokenRecord) -> TokenRecord:
         with _translated():
             await self._index(record.tag)
-            version = await self._replace(keys=[record_key(record.tag)], args=_encode(record))
+            sealed = _encode(self._sealer.seal_record(record))
+            version = await self._replace(keys=[record_key(record.tag)], args=sealed)
             await self._index(record.tag)
         return replace(record, version=int(version))
 
@@ -110,6 +117,30 @@ class RedisTokenStore:
             for start in range(0, len(tags), LIST_BATCH):
                 records += await self._read_batch(tags[start : start + LIST_BATCH])
         return records
+
+    async def reseal(self, app: str, kind: str, id: str) -> bool:
+        """Seal the record's tokens with the first key, keeping its version, unless they
+        are already; True if rewritten. A record written between the read and the script
+        is read again, so a concurrent refresh is never overwritten."""
+        tag = f"{app}:{kind}:{id}"
+        fields = ("version", "access_token", "refresh_token")
+        for _ in range(RESEAL_ATTEMPTS):
+            with _translated():
+                found = await self._client.hmget(record_key(tag), fields)
+            if found[0] is None:
+                return False
+            version, access, refresh = (_text(value) for value in found)
+            if self._sealer.is_current(access) and self._sealer.is_current(refresh):
+                return False
+            sealed = [self._sealer.reseal(value, tag) for value in (access, refresh)]
+            with _translated():
+                if await self._reseal(
+                    keys=[record_key(tag)], args=[version, access, refresh, *sealed]
+                ):
+                    return True
+        raise TokenStoreUnavailable(
+            f"Token record {tag} kept changing while it was encrypted again; run it again"
+        )
 
     async def acquire_lock(self, name: str, ttl_s: float) -> str | None:
         owner = secrets.token_hex(16)
@@ -139,7 +170,7 @@ class RedisTokenStore:
         found: list[TokenRecord] = []
         for tag, stored in zip(tags, await pipe.execute(), strict=True):
             if stored:
-                found.append(_decode(stored))
+                found.append(self._sealer.open_record(_decode(stored)))
             else:
                 await self._unindex(tag)
         return found

@@ -9,7 +9,9 @@ each call runs in a worker thread, on the store's one connection, one call at a 
 The store migrates its own schema with `PRAGMA user_version`: MIGRATIONS[n] takes a file
 from version n to n + 1, so a later version appends a step.
 
-SQLite and file errors are translated here, at one boundary, into `TokenStoreUnavailable`.
+The two tokens of a record are stored sealed by the store's `Sealer` (in clear without a
+key); everything else stays plain. SQLite and file errors are translated here, at one
+boundary, into `TokenStoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from proxy.errors import TokenStoreUnavailable
+from proxy.tokens.sealing import Sealer
 from proxy.tokens.store import TokenRecord
 
 logger = logging.getLogger(__name__)
@@ -96,19 +99,31 @@ class SqliteTokenStore:
     file, which blocks, so it happens in a worker thread too.
     """
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        """`clock` (epoch seconds) times locks and claims; every process must agree on it."""
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        sealer: Sealer | None = None,
+    ) -> None:
+        """`clock` (epoch seconds) times locks and claims; every process must agree on it.
+        `sealer` seals the tokens at rest (default: none, tokens in clear)."""
         self.path = Path(path)
         self._clock = clock
+        self._sealer = sealer or Sealer()
         self._lock = threading.Lock()  # one call at a time on the one connection
         self._db: sqlite3.Connection | None = None
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, clock: Callable[[], float] = time.time
+        cls,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        sealer: Sealer | None = None,
     ) -> SqliteTokenStore:
         """The store at `path`, its file (and folder) created and its schema migrated."""
-        store = cls(path, clock=clock)
+        store = cls(path, clock=clock, sealer=sealer)
         await store._run(store._connect)
         return store
 
@@ -126,6 +141,11 @@ class SqliteTokenStore:
 
     async def list(self) -> list[TokenRecord]:
         return await self._run(self._list)
+
+    async def reseal(self, app: str, kind: str, id: str) -> bool:
+        """Seal the record's tokens with the first key, keeping its version, unless they
+        are already; True if rewritten (one transaction: no write can come between)."""
+        return await self._run(self._reseal, app, kind, id)
 
     async def acquire_lock(self, name: str, ttl_s: float) -> str | None:
         return await self._run(self._acquire_lock, name, _positive(ttl_s))
@@ -191,19 +211,19 @@ class SqliteTokenStore:
     def _get(self, app: str, kind: str, id: str) -> TokenRecord | None:
         row = self._conn.execute(f"SELECT {COLUMNS} FROM tokens {WHERE_KEY}", (app, kind, id))
         found = row.fetchone()
-        return None if found is None else _decode(found)
+        return None if found is None else self._sealer.open_record(_decode(found))
 
     def _compare_and_set(self, record: TokenRecord) -> bool:
         with _immediate(self._conn) as db:
             if _stored_version(db, record) != record.version - 1:
                 return False
-            _write(db, record)
+            _write(db, self._sealer.seal_record(record))
             return True
 
     def _replace(self, record: TokenRecord) -> TokenRecord:
         with _immediate(self._conn) as db:
             stored = replace(record, version=_stored_version(db, record) + 1)
-            _write(db, stored)
+            _write(db, self._sealer.seal_record(stored))
             return stored
 
     def _delete(self, app: str, kind: str, id: str) -> bool:
@@ -211,7 +231,23 @@ class SqliteTokenStore:
         return deleted.rowcount == 1
 
     def _list(self) -> builtins.list[TokenRecord]:
-        return [_decode(row) for row in self._conn.execute(f"SELECT {COLUMNS} FROM tokens")]
+        rows = self._conn.execute(f"SELECT {COLUMNS} FROM tokens")
+        return [self._sealer.open_record(_decode(row)) for row in rows]
+
+    def _reseal(self, app: str, kind: str, id: str) -> bool:
+        key, tag = (app, kind, id), f"{app}:{kind}:{id}"
+        with _immediate(self._conn) as db:
+            found = db.execute(
+                f"SELECT access_token, refresh_token FROM tokens {WHERE_KEY}", key
+            ).fetchone()
+            if found is None or all(self._sealer.is_current(value) for value in found):
+                return False
+            access, refresh = (self._sealer.reseal(value, tag) for value in found)
+            db.execute(
+                f"UPDATE tokens SET access_token = ?, refresh_token = ? {WHERE_KEY}",
+                (access, refresh, *key),
+            )
+            return True
 
     def _acquire_lock(self, name: str, ttl_s: float) -> str | None:
         owner, now = secrets.token_hex(16), self._clock()

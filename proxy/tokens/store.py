@@ -66,6 +66,12 @@ class TokenStore(Protocol):
         """Remove a record; True if there was one."""
         ...
 
+    async def reseal(self, app: str, kind: str, id: str) -> bool:
+        """Rewrite the record's tokens sealed with the first encryption key, keeping its
+        version, unless they are already; True if rewritten. Never overwrites a record
+        that changed since it was read (`tokens reencrypt` runs beside live proxies)."""
+        ...
+
     async def list(self) -> list[TokenRecord]:
         """Every record, in no particular order."""
         ...
