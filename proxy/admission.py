@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from multidict import CIMultiDictProxy
 
 from proxy.config import LimitsConfig, QueueConfig
-from proxy.errors import BadRequest, LimiterUnavailable, RateLimited
+from proxy.errors import BadRequest, LimiterUnavailable, RateLimited, TooManyKeys
 from proxy.headers import (
     UPSTREAM_BURST_MAX,
     UPSTREAM_BURST_REMAINING,
@@ -133,6 +133,13 @@ class Admission:
                 raise
             # Shadow mode never holds or refuses, not even when it cannot decide.
             log.warning("shadow: limiter unavailable, %s sent undecided", key.tag)
+            self.metrics.decisions.labels("undecided").inc()
+            return self._undecided()
+        except TooManyKeys:
+            # The limiter has logged the cap (once a minute, not once a request).
+            if not self.shadow:
+                self.metrics.decisions.labels("refused_too_many_keys").inc()
+                raise
             self.metrics.decisions.labels("undecided").inc()
             return self._undecided()
         self.board.decided(key, decision)

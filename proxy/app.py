@@ -122,11 +122,14 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 
 
 def choose_limiter(config: Config, client: Redis | RedisCluster | None) -> Limiter:
-    """Memory without Redis; with Redis, the shared limiter behind its fallback."""
+    """Memory without Redis; with Redis, the shared limiter behind its fallback. Either
+    way the state kept in process is capped at `limits.max_tracked_keys` keys."""
+    max_keys = config.limits.max_tracked_keys
     if client is None:
-        return MemoryLimiter()
+        return MemoryLimiter(max_keys=max_keys)
     share = config.store.expected_replicas if config.store.on_redis_error == "local" else None
-    return FallbackLimiter(RedisLimiter(client), local_share=share)
+    shared = RedisLimiter(client, max_keys=max_keys)
+    return FallbackLimiter(shared, local_share=share, max_keys=max_keys)
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:

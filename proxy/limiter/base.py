@@ -10,10 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+# Keys one process tracks at most unless `limits.max_tracked_keys` says otherwise.
+DEFAULT_MAX_KEYS = 100_000
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, order=True)
 class LimitKey:
-    """Who is limited: one Marketplace app for one Location or Company."""
+    """Who is limited: one Marketplace app for one Location or Company.
+
+    Ordered only so that (time, key) pairs sort without a tie-breaker (memory.py's heap).
+    """
 
     app: str
     kind: str  # "location" | "company"

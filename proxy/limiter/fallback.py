@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits, UpstreamCounts
+from proxy.limiter.base import (
+    DEFAULT_MAX_KEYS,
+    Day,
+    Decision,
+    Limiter,
+    LimitKey,
+    Limits,
+    UpstreamCounts,
+)
 from proxy.limiter.memory import MemoryLimiter
 
 log = logging.getLogger(__name__)
@@ -31,12 +39,14 @@ class FallbackLimiter:
         local_share: int | None,
         clock: Callable[[], float] = time.monotonic,
         retry_after_s: float = RETRY_SHARED_AFTER_S,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        """`local_share` is expected_replicas for `local`, or None for `reject`."""
+        """`local_share` is expected_replicas for `local`, or None for `reject`; `max_keys`
+        caps the keys the local limiter tracks (limits.max_tracked_keys)."""
         if local_share is not None and local_share < 1:
             raise ValueError("local_share must be at least 1")
         self._shared = shared
-        self._local = MemoryLimiter()
+        self._local = MemoryLimiter(max_keys=max_keys)
         self._share = local_share
         self._clock = clock
         self._retry_after_s = retry_after_s

@@ -8,7 +8,10 @@ wait on its own monotonic clock. Both keys of a resource carry the hash tag
 What the upstream's headers say is applied inside the next decision for the same key
 (with its age, so it counts as of when it was said): one round trip per request. An
 upstream 429, and counts that reveal traffic the proxy never saw, are written at once,
-because every replica must know now.
+because every replica must know now. Counts waiting for their key's next decision are
+dropped once a window old, and beyond `max_keys` of them the oldest go first: by then the
+burst count no longer matters and the daily one is within the slack of the proxy's own
+count (a larger gap is written at once), so a dropped one only delays a small correction.
 
 Redis errors are translated here, at one boundary, into `LimiterUnavailable`; nothing
 above this module sees a redis-py type.
@@ -17,6 +20,7 @@ above this module sees a redis-py type.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -27,7 +31,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import Day, Decision, LimitKey, Limits, UpstreamCounts
+from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, LimitKey, Limits, UpstreamCounts
 
 US = 1_000_000
 KEY_PREFIX = "hoopai:limit"
@@ -54,13 +58,22 @@ class RedisLimiter:
     """The limiter algorithm in Redis, shared by every replica that uses the same server."""
 
     def __init__(
-        self, client: Redis | RedisCluster, *, clock: Callable[[], float] | None = None
+        self,
+        client: Redis | RedisCluster,
+        *,
+        clock: Callable[[], float] | None = None,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        """`clock` replaces Redis TIME; only tests set it, to replay chosen arrival times."""
+        """`clock` replaces Redis TIME; only tests set it, to replay chosen arrival times.
+        `max_keys` caps the upstream counts kept for keys' next decisions."""
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
         script = resources.files("proxy.limiter").joinpath("lua", "limiter.lua").read_text()
         self._script: AsyncScript = client.register_script(script)
         self._clock = clock
-        self._seen: dict[LimitKey, _Seen] = {}
+        self._max_keys = max_keys
+        # In the order they were said (a newer count for a key moves it to the end).
+        self._seen: OrderedDict[LimitKey, _Seen] = OrderedDict()
 
     async def acquire(
         self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
@@ -98,9 +111,22 @@ class RedisLimiter:
             await self._call(op, key, limits, day, 0.0, False, seen)
         else:
             self._seen[key] = seen
+            self._seen.move_to_end(key)
+            self._forget(seen.at - (limits.window_s + limits.pad_s))
 
     async def close(self) -> None:
         """The client belongs to whoever created it (the app's cleanup context)."""
+
+    @property
+    def pending_corrections(self) -> int:
+        """Keys with upstream counts waiting for their next decision."""
+        return len(self._seen)
+
+    def _forget(self, said_before: float) -> None:
+        """Drop counts said before `said_before`, and the oldest beyond `max_keys`."""
+        seen = self._seen
+        while seen and (len(seen) > self._max_keys or next(iter(seen.values())).at < said_before):
+            seen.popitem(last=False)
 
     async def _call(
         self,

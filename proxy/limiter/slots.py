@@ -1,7 +1,7 @@
 """The limiter's algorithm on one key's state, as plain functions (no I/O, no clock).
 
 The memory backend runs these directly; the Redis backend runs the same steps in Lua
-(lua/acquire.lua), and one test suite holds both to the same answers.
+(lua/limiter.lua), and one test suite holds both to the same answers.
 
 Burst: `slots` holds the last N reserved send times, ascending. A request at `now` gets
 `now` while fewer than N are kept, else `max(now, slots[-N] + W + pad)`. Every slot is
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from proxy.limiter.base import Day, Decision, Limits, UpstreamCounts
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyState:
     """One key's state: reserved slot times (ascending) and today's count."""
 
