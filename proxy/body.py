@@ -3,6 +3,11 @@
 A held body (up to `server.replay_body_bytes`) can be searched for a `locationId` and
 sent again after an upstream 429 or 401. A larger one is sent once, in chunks, so a
 200 MB upload costs a few chunks of memory; `server.max_body_bytes` bounds both.
+
+`server.body_timeout_s` is enforced by the connection (proxy.connections): a body that
+is late makes its reads raise `RequestTimeout`. Held, that reaches the caller as is;
+streamed, it fails the upstream send, so it is kept here for the forwarder to answer with
+instead of blaming the upstream. A body the HTTP parser cannot read is a 400.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge
+from proxy.errors import BadRequest, BodyTooLarge, RequestError
 
 CHUNK_BYTES = 64 * 1024
 
@@ -26,9 +31,10 @@ class RequestBody:
     prefix: bytes
     max_bytes: int
     present: bool
-    # Set when the streamed rest turned out too large: the upstream send then fails, and
-    # the caller must hear 413, not that the upstream broke.
+    # Set when the streamed rest turned out too large, too slow or malformed: the upstream
+    # send then fails, and the caller must hear 413, 408 or 400, not that the upstream broke.
     too_large: bool = False
+    caller_failure: RequestError | None = None
 
     @property
     def replayable(self) -> bool:
@@ -48,15 +54,39 @@ class RequestBody:
             return self.held
         return self._rest()
 
+    def caller_error(self) -> RequestError | None:
+        """The caller's side of the streamed rest failed: a new error saying why."""
+        failure = self.caller_failure
+        return None if failure is None else type(failure)(failure.message)
+
     async def _rest(self) -> AsyncIterator[bytes]:
         sent = len(self.prefix)
         yield self.prefix
-        async for chunk in self.request.content.iter_chunked(CHUNK_BYTES):
+        while chunk := await self._read_more():
             sent += len(chunk)
             if sent > self.max_bytes:
                 self.too_large = True
                 raise BodyTooLarge(too_large_message(self.max_bytes))
             yield chunk
+
+    async def _read_more(self) -> bytes:
+        try:
+            return await read_chunk(self.request)
+        except RequestError as error:  # RequestTimeout, or BadRequest for a broken body
+            self.caller_failure = error
+            raise
+
+
+async def read_chunk(request: web.Request) -> bytes:
+    """The next chunk of the body (b"" at its end); a body the parser refuses is a 400."""
+    try:
+        return await request.content.read(CHUNK_BYTES)
+    except web.RequestPayloadError as exc:
+        # Its text quotes the bytes refused: only the class goes further.
+        raise BadRequest(
+            f"The request body could not be read ({type(exc).__name__}): it ended early "
+            "or its chunked encoding is broken"
+        ) from exc
 
 
 def too_large_message(max_bytes: int) -> str:
@@ -77,7 +107,7 @@ async def read_body(request: web.Request, *, replay_bytes: int, max_bytes: int) 
         return RequestBody(request, held=None, prefix=b"", max_bytes=max_bytes, present=True)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+    while chunk := await read_chunk(request):
         chunks.append(chunk)
         size += len(chunk)
         if size > max_bytes:

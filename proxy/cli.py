@@ -99,7 +99,11 @@ def run_serve(args: argparse.Namespace) -> int:
     def serve_one(banner: str | None = "hoopai-proxy") -> None:
         app = create_app(config)
         admin = (create_admin_app(app), admin_sock)
-        asyncio.run(serve_until_signalled(app, sock, banner=banner, grace_s=grace_s, admin=admin))
+        asyncio.run(
+            serve_until_signalled(
+                app, sock, banner=banner, grace_s=grace_s, server_config=config.server, admin=admin
+            )
+        )
 
     if config.server.workers == 1:
         serve_one()

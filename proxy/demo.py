@@ -47,7 +47,7 @@ async def _run(sim_config: SimulatorConfig, requests: int, workdir: Path) -> int
         document["store"] = {"sqlite_path": str(workdir / "tokens.db")}
         config = parse_config(document, {})
         proxy = await start_server(
-            create_app(config), bind_socket("127.0.0.1", 0), access_log=False
+            create_app(config), bind_socket("127.0.0.1", 0), server=config.server, access_log=False
         )
         try:
             _say(

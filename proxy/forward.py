@@ -230,12 +230,17 @@ class Forwarder:
             ) as answer:
                 yield answer
         except TimeoutError as exc:
+            # The caller's streamed body failed first (too slow): say so, not blame upstream.
+            if (caller_error := outgoing.body.caller_error()) is not None:
+                raise caller_error from exc
             raise UpstreamTimeout(
                 f"The upstream did not answer {method} {url.path} in time"
             ) from exc
         except aiohttp.ClientError as exc:
             if outgoing.body.too_large:
                 raise BodyTooLarge(too_large_message(outgoing.body.max_bytes)) from exc
+            if (caller_error := outgoing.body.caller_error()) is not None:
+                raise caller_error from exc  # the streamed body was too slow or malformed
             raise UpstreamUnreachable(
                 f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
             ) from exc

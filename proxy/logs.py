@@ -1,20 +1,35 @@
-"""Logging setup: one JSON object per line, and the per-request access line.
+"""Logging setup: one JSON object per line, the per-request access line, and the guards
+that keep other libraries' lines short and free of secrets.
 
 Query strings are never logged (callers put ids and sometimes secrets there), nor any
 header value: the access line carries method, path, status and durations, plus what the
 request path noted on the way (app, resource, caller name, time queued, upstream status).
+aiohttp's HTTP parser quotes the bytes it refused (a bearer token, `?api_key=`), so a
+record carrying one of its errors keeps only the error's class and status. asyncio reports
+a failing `accept()` (out of descriptors) hundreds of times a second; repeats of one kind
+are held back to one line per 10 s that counts them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+
+# Errors whose text may quote what a caller (or the upstream) sent.
+PARSER_ERRORS: tuple[type[BaseException], ...] = (
+    HttpProcessingError,
+    web.RequestPayloadError,
+    ClientPayloadError,
+)
 
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
 
@@ -38,12 +53,103 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Send every log record to stderr as JSON lines."""
+    """Send every log record to stderr as JSON lines, parser errors reduced to their class."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactParserErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def parser_error(exc: BaseException | None) -> BaseException | None:
+    """The first parser error in `exc`'s chain (causes and contexts), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PARSER_ERRORS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_parser_error(exc: BaseException) -> str:
+    """`BadHttpMessage 400`: what may be logged of a parser error."""
+    code = getattr(exc, "code", None)
+    return f"{type(exc).__name__} {code}" if isinstance(code, int) and code else type(exc).__name__
+
+
+class RedactParserErrors(logging.Filter):
+    """Reduces a parser error in a record (its traceback or an argument) to its class and
+    status: its text quotes the raw request line or header it refused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redacted(arg) for arg in record.args)
+        found = parser_error(record.exc_info[1]) if record.exc_info else None
+        if found is not None:
+            record.msg = f"{record.getMessage()}: {describe_parser_error(found)}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _redacted(arg: object) -> object:
+    found = parser_error(arg) if isinstance(arg, BaseException) else None
+    return arg if found is None else describe_parser_error(found)
+
+
+class Throttle:
+    """At most one event of each kind per `every_s`; says how many were held back.
+
+    `admit(kind)` is None for an event to drop, else the number dropped since the last one
+    admitted. `clock` is injected so tests move time instead of sleeping.
+    """
+
+    MAX_KINDS = 1024
+
+    def __init__(self, every_s: float = 10.0, *, clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, kind: str) -> int | None:
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        if last is None and len(self._last) >= self.MAX_KINDS:
+            # Kinds are message texts; an endless variety must not grow without bound.
+            self._last.clear()
+            self._held.clear()
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+
+class LoopErrorThrottle:
+    """An event-loop exception handler that passes each kind of report (its message) to
+    asyncio's default handler at most once per `throttle.every_s`, with the count held back.
+    """
+
+    def __init__(self, throttle: Throttle | None = None) -> None:
+        self._throttle = throttle or Throttle()
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        held = self._throttle.admit(str(context.get("message", "")))
+        if held is None:
+            return
+        if held:
+            context = {**context, "held_back": f"{held} more like this before this one"}
+        loop.default_exception_handler(context)
+
+
+def quiet_repeated_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Install a `LoopErrorThrottle` on `loop`, once."""
+    if not isinstance(loop.get_exception_handler(), LoopErrorThrottle):
+        loop.set_exception_handler(LoopErrorThrottle())
 
 
 ACCESS_NOTES: web.RequestKey[dict[str, object]] = web.RequestKey("access_notes")

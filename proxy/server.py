@@ -2,7 +2,9 @@
 
 Used by `hoopai-proxy serve`, by the demo and by the tests, so the tests start the proxy
 exactly the way production does. Port 0 picks a free port; the bound address is printed
-as one line (`... listening on http://HOST:PORT`) so a parent process can find it.
+as one line (`... listening on http://HOST:PORT`) so a parent process can find it. Every
+listener applies the `server.*` limits on slow and surplus connections (proxy.connections),
+and the event loop's repeated error reports are throttled (proxy.logs).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.logs import AccessLogger
+from proxy.config import ServerConfig
+from proxy.connections import ConnectionLimits, GuardedAppRunner, fitted_limits
+from proxy.logs import AccessLogger, quiet_repeated_loop_errors
 
 
 @dataclass(frozen=True)
@@ -52,19 +56,29 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 
 
 async def start_server(
-    app: web.Application, sock: socket.socket, *, grace_s: float = 30.0, access_log: bool = True
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    server: ServerConfig | None = None,
+    limits: ConnectionLimits | None = None,
+    grace_s: float = 30.0,
+    access_log: bool = True,
 ) -> RunningServer:
-    """Start serving `app` on an already bound socket."""
-    runner = web.AppRunner(
+    """Start serving `app` on an already bound socket, under the connection limits of
+    `server` (its defaults if None; `limits` instead, when given, is used as is)."""
+    quiet_repeated_loop_errors(asyncio.get_running_loop())
+    if limits is None:
+        limits = fitted_limits(ConnectionLimits.from_config(server or ServerConfig()))
+    runner = GuardedAppRunner(
         app,
+        limits,
+        shutdown_timeout=grace_s,
         # Request bodies are forwarded as sent; decompressing them would corrupt them.
         auto_decompress=False,
         # A caller that hangs up while its request waits for a slot ends that task.
         handler_cancellation=True,
-        shutdown_timeout=grace_s,
         access_log_class=AccessLogger,
         access_log=AccessLogger.logger if access_log else None,
-        handle_signals=False,
     )
     await runner.setup()
     await web.SockSite(runner, sock).start()
@@ -78,15 +92,19 @@ async def serve_until_signalled(
     *,
     banner: str | None,
     grace_s: float,
+    server_config: ServerConfig,
     admin: tuple[web.Application, socket.socket] | None = None,
 ) -> None:
     """Serve `app` (and the admin app on its own socket) until SIGTERM or SIGINT, then
     drain in-flight requests and stop."""
-    server = await start_server(app, sock, grace_s=grace_s)
+    limits = fitted_limits(ConnectionLimits.from_config(server_config))
+    server = await start_server(app, sock, limits=limits, grace_s=grace_s)
     admin_server = None
     try:
         if admin is not None:
-            admin_server = await start_server(admin[0], admin[1], grace_s=5, access_log=False)
+            admin_server = await start_server(
+                admin[0], admin[1], limits=limits.for_admin(), grace_s=5, access_log=False
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

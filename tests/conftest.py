@@ -85,7 +85,9 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[ProxyStarter]:
         overrides.setdefault("store", {"sqlite_path": str(tmp_path / f"tokens-{len(started)}.db")})
         config = proxy_config(upstream_url, **overrides)
         app = create_app(config, clock=clock)
-        server = await start_server(app, bind_socket("127.0.0.1", 0), grace_s=5)
+        server = await start_server(
+            app, bind_socket("127.0.0.1", 0), server=config.server, grace_s=5
+        )
         started.append(server)
         return server
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -32,6 +33,8 @@ class ServiceProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     announces_admin: bool = False
+    # The process's RLIMIT_NOFILE (soft and hard), to see it under descriptor pressure.
+    open_files: int | None = None
     url: str = ""
     admin_url: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -44,9 +47,15 @@ class ServiceProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 env=environ,
+                preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
         self.url = self._await_banner(timeout_s)
         return self
+
+    def _limit_open_files(self) -> None:
+        """Runs in the child between fork and exec."""
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def _await_banner(self, timeout_s: float) -> str:
         assert self.process is not None and self.process.stdout is not None
