@@ -9,6 +9,8 @@ import re
 import aiohttp
 
 from proxy.admin import create_admin_app
+from proxy.app import METRICS
+from proxy.metrics import Metrics
 from proxy.server import bind_socket, start_server
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.leaks import leaked
@@ -23,6 +25,13 @@ def metric(text: str, name: str, **labels: str) -> float:
     sample = re.escape(name + (f"{{{selector}}}" if selector else ""))
     found = re.search(rf"^{sample} ([0-9.e+-]+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+async def until_waiting(metrics: Metrics, burst: asyncio.Future[list[int]]) -> None:
+    """Return once a request is held for a slot (the gauge says so)."""
+    while not metrics.registry.get_sample_value("hoopai_proxy_requests_waiting"):
+        assert not burst.done(), "the burst finished before any request was seen waiting"
+        await asyncio.sleep(0.005)
 
 
 async def start_admin(proxy):
@@ -54,8 +63,12 @@ async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, h
                 return answer.status
 
         # 8 at once: 5 go, meet Invalid JWT, one refresh, resends and the rest queue.
-        statuses = await asyncio.gather(*(call(i) for i in range(8)))
+        burst = asyncio.gather(*(call(i) for i in range(8)))
+        # While any request waits for its slot, the next slot is in the future, so a
+        # request that may not wait is refused: a definite order, not a race with the window.
+        await until_waiting(proxy.runner.app[METRICS], burst)
         refused = await call(99, max_wait_ms="0")
+        statuses = await burst
         async with http.get(f"{admin.url}/metrics") as answer:
             assert answer.status == 200
             text = await answer.text()

@@ -5,27 +5,17 @@ tokens survive a Company token refused early, and unknown locations are remember
 
 from __future__ import annotations
 
-import base64
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET
 from tests.support.installs import INSTALL_COOKIE, callback, start_install
 from tests.support.limiters import ManualClock
+from tests.support.webhook_deliveries import APP_ID, PUBLIC_PEM, deliver, event
 
-APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
-SIGNER = Ed25519PrivateKey.generate()
-PUBLIC_PEM = (
-    SIGNER.public_key()
-    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    .decode()
-)
 UNSOLICITED = {"tokens": {"accept_unsolicited_installs": True}}
 ROOMY = {"limits": {"burst": {"requests": 100_000}}}
 
@@ -60,21 +50,6 @@ def set_cookie_of(answer: aiohttp.ClientResponse) -> str:
 # -- finding 9: a delivery without a webhookId --------------------------------------------
 
 
-async def deliver(http: aiohttp.ClientSession, proxy_url: str, payload: dict[str, Any]) -> Any:
-    body = json.dumps(payload).encode()
-    headers = {
-        "x-ghl-signature": base64.b64encode(SIGNER.sign(body)).decode(),
-        "Content-Type": "application/json",
-    }
-    async with http.post(f"{proxy_url}/_proxy/webhooks/main", data=body, headers=headers) as r:
-        return r.status, await r.json()
-
-
-def signed_event(kind: str, **fields: Any) -> dict[str, Any]:
-    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {"type": kind, "appId": APP_ID, "timestamp": stamp, **fields}
-
-
 @pytest.mark.parametrize("webhook_id", ["absent", "", 12345], ids=["absent", "empty", "number"])
 async def test_delivery_without_a_webhook_id_is_refused(
     simulator, start_proxy, http, webhook_id
@@ -86,8 +61,10 @@ async def test_delivery_without_a_webhook_id_is_refused(
         simulator.url, webhooks={"ed25519_public_key": PUBLIC_PEM}, **UNSOLICITED
     )
     await install_unsolicited(http, proxy.url, simulator, location_id="noIdLoc")
-    payload = signed_event("UNINSTALL", locationId="noIdLoc")
-    if webhook_id != "absent":
+    payload = event("UNINSTALL", locationId="noIdLoc")
+    if webhook_id == "absent":
+        del payload["webhookId"]
+    else:
         payload["webhookId"] = webhook_id
     for _ in range(3):
         status, body = await deliver(http, proxy.url, payload)
@@ -261,9 +238,7 @@ async def test_unknown_location_is_asked_upstream_once_a_minute(
     simulator.state.clear_faults()  # the location now exists upstream
     assert (await managed(http, proxy.url, "ghost"))[0] == 404  # remembered: no call
     assert simulator.state.stats()["location_token_requests"] == 2
-    payload = signed_event(
-        "INSTALL", installType="Location", locationId="ghost", companyId="coY", webhookId="wh-g"
-    )
+    payload = event("INSTALL", installType="Location", locationId="ghost", companyId="coY")
     status, body = await deliver(http, proxy.url, payload)
     assert (status, body["action"]) == (200, "token ready for location ghost")
     assert (await managed(http, proxy.url, "ghost"))[0] == 200

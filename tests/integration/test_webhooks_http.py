@@ -3,55 +3,16 @@ and what INSTALL and UNINSTALL do to the stored tokens."""
 
 from __future__ import annotations
 
-import base64
 import json
-import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
-
-APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
-SIGNER = Ed25519PrivateKey.generate()
-PUBLIC_PEM = (
-    SIGNER.public_key()
-    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    .decode()
-)
-
-
-def event(kind: str, *, age_s: float = 0, **fields: Any) -> dict[str, Any]:
-    stamp = datetime.now(UTC) - timedelta(seconds=age_s)
-    return {
-        "type": kind,
-        "appId": APP_ID,
-        "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "webhookId": f"wh-{time.monotonic_ns()}",
-        **fields,
-    }
-
-
-async def deliver(
-    http: aiohttp.ClientSession,
-    proxy_url: str,
-    payload: dict[str, Any],
-    *,
-    app: str = "main",
-    signer: Ed25519PrivateKey = SIGNER,
-    tamper: bool = False,
-) -> tuple[int, Any]:
-    body = json.dumps(payload).encode()
-    signature = base64.b64encode(signer.sign(body)).decode()
-    sent = body + b" " if tamper else body
-    headers = {"x-ghl-signature": signature, "Content-Type": "application/json"}
-    async with http.post(f"{proxy_url}/_proxy/webhooks/{app}", data=sent, headers=headers) as r:
-        return r.status, await r.json()
+from tests.support.webhook_deliveries import PUBLIC_PEM, SIGNER, deliver, event
 
 
 @pytest.fixture
