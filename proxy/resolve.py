@@ -184,6 +184,7 @@ class Resolver:
                 "The HighLevel token names no Location or Company (authClass / authClassId); "
                 "send a Location or Company access token"
             )
+        _check_id(own[1], own[0])
         for source, named in _named_resources(facts):
             if _conflicts(own, named, source):
                 raise BadRequest(
