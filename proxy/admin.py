@@ -12,21 +12,21 @@ from __future__ import annotations
 import hmac
 import html
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.app import ADMISSION, CONFIG, METRICS, TOKENS, unexpected
-from proxy.errors import CallerUnauthenticated, RequestError, error_response
+from proxy.errors import CallerUnauthenticated
+from proxy.http_errors import answer_errors_as_json
+from proxy.services import SERVICES, Services
 
 MAIN_APP = web.AppKey("main_app", web.Application)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_admin_app(main: web.Application) -> web.Application:
-    """The admin application for the proxy application `main`."""
-    admin = web.Application(middlewares=[require_admin_token])
+    """The admin application for the proxy application `main` (its services are read at
+    each request: they exist once `main` has started)."""
+    admin = web.Application(middlewares=[answer_errors_as_json(before=require_admin_token)])
     admin[MAIN_APP] = main
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/status.json", status_json)
@@ -34,56 +34,48 @@ def create_admin_app(main: web.Application) -> web.Application:
     return admin
 
 
-@web.middleware
-async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[MAIN_APP][CONFIG].admin.token
-    if token:
-        sent = request.headers.get("Authorization", "")
-        # Bytes that are not UTF-8 arrive as surrogate escapes: encode them, never fail.
-        sent_bytes = sent.encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(sent_bytes, f"Bearer {token}".encode()):
-            return error_response(
-                CallerUnauthenticated(
-                    "The admin listener needs Authorization: Bearer <admin.token>"
-                )
-            )
-    try:
-        return await handler(request)
-    except RequestError as error:
-        return error_response(error)
-    except web.HTTPException:
-        raise
-    except Exception as error:
-        return error_response(unexpected(request, error))
+def _services(request: web.Request) -> Services:
+    return request.app[MAIN_APP][SERVICES]
+
+
+def require_admin_token(request: web.Request) -> None:
+    """With `admin.token` set, every admin request needs `Authorization: Bearer <token>`."""
+    token = _services(request).config.admin.token
+    if not token:
+        return
+    # Bytes that are not UTF-8 arrive as surrogate escapes: encode them, never fail.
+    sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
+        raise CallerUnauthenticated("The admin listener needs Authorization: Bearer <admin.token>")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[MAIN_APP][METRICS].render()
+    body = _services(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _resources(main: web.Application) -> list[dict[str, object]]:
-    return main[ADMISSION].board.snapshot(main[TOKENS].cached_expiry)
+def _resources(services: Services) -> list[dict[str, object]]:
+    return services.admission.board.snapshot(services.tokens.cached_expiry)
 
 
 async def status_json(request: web.Request) -> web.Response:
-    main = request.app[MAIN_APP]
-    limits = main[ADMISSION].limits
+    services = _services(request)
+    limits = services.admission.limits
     return web.json_response(
         {
             "limits": {
                 "burst": limits.burst,
                 "window_s": limits.window_s,
                 "daily": limits.daily,
-                "mode": "shadow" if main[ADMISSION].shadow else "enforce",
+                "mode": "shadow" if services.admission.shadow else "enforce",
             },
-            "resources": _resources(main),
+            "resources": _resources(services),
         }
     )
 
 
 async def status_page(request: web.Request) -> web.Response:
-    rows = "".join(_row(view) for view in _resources(request.app[MAIN_APP]))
+    rows = "".join(_row(view) for view in _resources(_services(request)))
     page = (
         "<!doctype html><title>hoopai-proxy status</title><h1>hoopai-proxy</h1>"
         "<table border=1 cellpadding=4><tr><th>app id</th><th>resource</th><th>burst left</th>"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.errors import BadRequest, BodyTooLarge, RequestError
+from proxy.errors import BadRequest, BodyTooLarge, ClientError
 
 CHUNK_BYTES = 64 * 1024
 
@@ -34,7 +34,7 @@ class RequestBody:
     # Set when the streamed rest turned out too large, too slow or malformed: the upstream
     # send then fails, and the caller must hear 413, 408 or 400, not that the upstream broke.
     too_large: bool = False
-    caller_failure: RequestError | None = None
+    caller_failure: ClientError | None = None
 
     @property
     def replayable(self) -> bool:
@@ -54,7 +54,7 @@ class RequestBody:
             return self.held
         return self._rest()
 
-    def caller_error(self) -> RequestError | None:
+    def caller_error(self) -> ClientError | None:
         """The caller's side of the streamed rest failed: a new error saying why."""
         failure = self.caller_failure
         return None if failure is None else type(failure)(failure.message)
@@ -72,7 +72,7 @@ class RequestBody:
     async def _read_more(self) -> bytes:
         try:
             return await read_chunk(self.request)
-        except RequestError as error:  # RequestTimeout, or BadRequest for a broken body
+        except ClientError as error:  # RequestTimeout, or BadRequest for a broken body
             self.caller_failure = error
             raise
 

@@ -12,17 +12,18 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from proxy.admin import create_admin_app
 from proxy.app import create_app
-from proxy.config import Config, describe_config, load_config, refuse_open_relay
-from proxy.errors import ConfigError
+from proxy.commandline import CONFIG_ENV, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, config_from
+from proxy.config import Config, describe_config, refuse_open_relay
+from proxy.demo import run_demo as demo
+from proxy.errors import ConfigError, ListenError
 from proxy.logs import configure_logging
 from proxy.server import bind_socket, run_forked_workers, serve_until_signalled
-
-CONFIG_ENV = "HOOPAI_PROXY_CONFIG"
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+from proxy.simulator import cli as simulator_cli
+from proxy.tokens import cli as tokens_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=run_check_config)
 
     simulate = commands.add_parser("simulate", help="run the HoopAI API simulator")
-    _add_simulator_arguments(simulate)
+    simulator_cli.add_arguments(simulate)
     simulate.set_defaults(run=run_simulate)
 
     demo = commands.add_parser("demo", help="simulator + proxy + traffic, on this machine")
@@ -67,16 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser(
         "tokens", help="add, list, delete, refresh or reencrypt stored tokens"
     )
-    _add_tokens_arguments(tokens)
+    tokens_cli.add_arguments(tokens)
     return parser
-
-
-def config_from(path: str | None, environ: Mapping[str, str]) -> Config:
-    """Load the config named on the command line or by $HOOPAI_PROXY_CONFIG."""
-    chosen = path or environ.get(CONFIG_ENV)
-    if not chosen:
-        raise ConfigError("", f"no config file: pass --config FILE or set ${CONFIG_ENV}")
-    return load_config(chosen, environ)
 
 
 def run_check_config(args: argparse.Namespace) -> int:
@@ -142,32 +135,11 @@ def _listen(section: str, host: str, port: int) -> socket.socket:
         ) from exc
 
 
-class ListenError(Exception):
-    """The proxy could not bind one of its addresses (a run-time failure, exit 1)."""
-
-
-def _add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
-    from proxy.simulator import cli as simulator_cli
-
-    simulator_cli.add_arguments(parser)
-
-
-def _add_tokens_arguments(parser: argparse.ArgumentParser) -> None:
-    # Imported here: proxy.tokens.cli imports config_from from this module.
-    from proxy.tokens import cli as tokens_cli
-
-    tokens_cli.add_arguments(parser)
-
-
 def run_simulate(args: argparse.Namespace) -> int:
-    from proxy.simulator import cli as simulator_cli
-
     return simulator_cli.run(args)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo as demo
-
     return asyncio.run(demo(requests=args.requests))
 
 

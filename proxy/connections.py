@@ -37,7 +37,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from proxy.config import ServerConfig
-from proxy.errors import BadRequest, RequestTimeout, error_body
+from proxy.errors import BadRequest, RequestTimeout
+from proxy.http_errors import error_body, status_and_code
 from proxy.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,8 @@ class GuardedRequestHandler(web.RequestHandler):
         # aiohttp's message quotes the offending bytes (a token, a query): never echo it.
         kind = type(exc).__name__
         self._guard.unparsable(kind, status)
-        body = error_body(status, f"The request is not valid HTTP/1.1 ({kind})", BadRequest.code)
+        refusal = BadRequest(f"The request is not valid HTTP/1.1 ({kind})")
+        body = error_body(status, refusal.message, status_and_code(refusal)[1])
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
@@ -329,12 +331,12 @@ class GuardedRequestHandler(web.RequestHandler):
             return  # the headers came; the request is being handled
         if self._request_begun and self.transport is not None:
             timeout_s = self._guard.limits.header_timeout_s
-            body = error_body(
-                408,
+            late = RequestTimeout(
                 f"The request headers did not arrive within {timeout_s:g} s "
-                "(server.header_timeout_s)",
-                RequestTimeout.code,
+                "(server.header_timeout_s)"
             )
+            status, code = status_and_code(late)
+            body = error_body(status, late.message, code)
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

@@ -1,45 +1,57 @@
-"""The proxy's exception tree, and the one place that turns errors into JSON responses.
+"""The proxy's exception tree: what can go wrong, in the proxy's own words, with no HTTP.
 
-    ProxyError                      anything the proxy itself reports
+    ProxyError                      anything the proxy itself reports (`message`)
     ├── ConfigError                 a bad config file or value; names the key
-    └── RequestError                answered to the caller as JSON, with an HTTP status
-        ├── BadRequest              400 bad_request (absolute-form target, CONNECT, ...)
-        ├── ResourceUnresolved      400 resource_unresolved
-        ├── CallerUnauthenticated   401 caller_unauthenticated
-        ├── ReauthorizationRequired 401 reauthorization_required (refresh token dead)
-        ├── WebhookRefused          401 webhook_rejected (signature, age, app)
-        ├── RequestTimeout          408 request_timeout (headers or body too slow)
-        ├── ResourceForbidden       403 resource_forbidden
-        ├── CredentialPathRefused   403 credential_path_refused (/oauth/* with a managed token)
-        ├── InstallRefused          403 install_refused (install CSRF: state missing or wrong)
-        ├── NotFound                404 not_found (an unknown /_proxy/ path)
-        ├── NoToken                 404 no_token (nothing installed for the resource)
-        ├── WebhookReplayed         409 webhook_replayed
-        ├── BodyTooLarge            413 body_too_large
-        ├── RateLimited             429 rate_limited (refused by the proxy's limiter)
-        ├── UpstreamUnreachable     502 upstream_unreachable
-        ├── LimiterUnavailable      503 limiter_unavailable
-        ├── TokenStoreUnavailable   503 token_store_unavailable
-        ├── TokenUnavailable        503 token_unavailable (refresh failed for now)
-        ├── TooManyKeys             503 too_many_keys (the process tracks its maximum)
-        ├── InternalError           500 internal_error (an unexpected exception)
-        └── UpstreamTimeout         504 upstream_timeout
+    ├── ListenError                 an address in the config cannot be bound
+    ├── CommandRefused              a `tokens` command cannot do what was asked
+    ├── ClientError                 the caller must change something to succeed
+    │   ├── BadRequest              the request is malformed or contradicts itself
+    │   ├── ResourceUnresolved      nothing in the request names a Location or Company
+    │   ├── CallerUnauthenticated   no valid caller key (or admin token)
+    │   ├── ReauthorizationRequired the resource's refresh token is dead: reinstall
+    │   ├── WebhookRejected         a webhook delivery that is not acted on (signature, age,
+    │   │                           app, webhookId)
+    │   ├── ResourceForbidden       the caller key may not use that resource or app
+    │   ├── CredentialPathRefused   /oauth/* with a managed token
+    │   ├── InstallRefused          install CSRF: state missing or not this browser's
+    │   ├── RequestTimeout          headers or body too slow
+    │   ├── NotFound                an unknown /_proxy/ path or webhook app
+    │   ├── NoToken                 nothing installed for the resource
+    │   ├── WebhookReplayed         a webhookId already received
+    │   ├── BodyTooLarge            over server.max_body_bytes
+    │   └── RateLimited             refused by the proxy's limiter (or the bad-code limit)
+    ├── Unavailable                 passing: the same request may succeed later
+    │   ├── UpstreamUnreachable     connection refused, reset or dropped
+    │   ├── UpstreamTimeout         no answer in time
+    │   ├── LimiterUnavailable      Redis down and on_redis_error: reject
+    │   ├── TokenStoreUnavailable   the token store cannot be used
+    │   ├── TokenUnavailable        no fresh token for now (refresh failed, inactive location)
+    │   └── TooManyKeys             the process tracks limits.max_tracked_keys keys
+    ├── TokenEndpointError          the upstream's token endpoint said no (its words)
+    │   ├── InvalidGrant            the code or refresh token is invalid, expired or used
+    │   ├── LocationInactive        `Location is not active`: keep the token, try later
+    │   ├── ClientRejected          the app's client id or secret was refused
+    │   └── InvalidJwt              the bearer sent was refused as `Invalid JWT`
+    └── InternalError               an unexpected failure, reported as such
 
-Every error a caller sees has the upstream's error shape,
-``{"statusCode": N, "message": "...", "error": "<code>"}``, so client code that already
-parses HoopAI errors parses the proxy's too. Later issues add their codes here.
+These carry no HTTP status: `proxy.http_errors` maps them to status and code at the edge,
+in one table (as httpx maps transport errors at one seam). `headers` is advice for
+whoever answers (a `Retry-After`, the rate-limit headers of a refusal).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-
-from aiohttp import web
 
 
 class ProxyError(Exception):
-    """Base of every error the proxy raises on purpose."""
+    """Base of every error the proxy raises on purpose. `message` is one sentence or
+    more that a caller or an operator can act on; it never holds a secret."""
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
 
 
 class ConfigError(ProxyError):
@@ -51,133 +63,127 @@ class ConfigError(ProxyError):
         self.reason = reason
 
 
-class RequestError(ProxyError):
-    """An error answered to the caller. Subclasses fix the status and the code."""
+class ListenError(ProxyError):
+    """The proxy could not bind one of its addresses (a run-time failure, exit 1)."""
 
-    status: int = 500
-    code: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+class CommandRefused(ProxyError):
+    """A command that cannot do what was asked; `usage` picks exit 2 over exit 1."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
-        self.message = message
-        self.headers = dict(headers or {})
+        self.usage = usage
 
 
-class BadRequest(RequestError):
-    status = 400
-    code = "bad_request"
+class ClientError(ProxyError):
+    """The request cannot succeed as sent: the caller must change something."""
 
 
-class ResourceUnresolved(RequestError):
-    status = 400
-    code = "resource_unresolved"
+class BadRequest(ClientError):
+    pass
 
 
-class CallerUnauthenticated(RequestError):
-    status = 401
-    code = "caller_unauthenticated"
+class ResourceUnresolved(ClientError):
+    pass
 
 
-class ReauthorizationRequired(RequestError):
-    status = 401
-    code = "reauthorization_required"
+class CallerUnauthenticated(ClientError):
+    pass
 
 
-class WebhookRefused(RequestError):
-    status = 401
-    code = "webhook_rejected"
+class ReauthorizationRequired(ClientError):
+    pass
 
 
-class ResourceForbidden(RequestError):
-    status = 403
-    code = "resource_forbidden"
+class WebhookRejected(ClientError):
+    """A delivery the proxy refuses; the message never quotes a signature or the body."""
 
 
-class CredentialPathRefused(RequestError):
-    status = 403
-    code = "credential_path_refused"
+class ResourceForbidden(ClientError):
+    pass
 
 
-class InstallRefused(RequestError):
-    status = 403
-    code = "install_refused"
+class CredentialPathRefused(ClientError):
+    pass
 
 
-class RequestTimeout(RequestError):
-    status = 408
-    code = "request_timeout"
+class InstallRefused(ClientError):
+    pass
 
 
-class NotFound(RequestError):
-    status = 404
-    code = "not_found"
+class RequestTimeout(ClientError):
+    pass
 
 
-class NoToken(RequestError):
-    status = 404
-    code = "no_token"
+class NotFound(ClientError):
+    pass
 
 
-class WebhookReplayed(RequestError):
-    status = 409
-    code = "webhook_replayed"
+class NoToken(ClientError):
+    pass
 
 
-class BodyTooLarge(RequestError):
-    status = 413
-    code = "body_too_large"
+class WebhookReplayed(ClientError):
+    pass
 
 
-class RateLimited(RequestError):
-    status = 429
-    code = "rate_limited"
+class BodyTooLarge(ClientError):
+    pass
 
 
-class UpstreamUnreachable(RequestError):
-    status = 502
-    code = "upstream_unreachable"
+class RateLimited(ClientError):
+    pass
 
 
-class LimiterUnavailable(RequestError):
-    status = 503
-    code = "limiter_unavailable"
+class Unavailable(ProxyError):
+    """Something the request needs is unavailable for now; the same request may succeed
+    later."""
 
 
-class TokenStoreUnavailable(RequestError):
-    status = 503
-    code = "token_store_unavailable"
+class UpstreamUnreachable(Unavailable):
+    pass
 
 
-class TokenUnavailable(RequestError):
-    status = 503
-    code = "token_unavailable"
+class UpstreamTimeout(Unavailable):
+    pass
 
 
-class TooManyKeys(RequestError):
-    status = 503
-    code = "too_many_keys"
+class LimiterUnavailable(Unavailable):
+    pass
 
 
-class InternalError(RequestError):
-    status = 500
-    code = "internal_error"
+class TokenStoreUnavailable(Unavailable):
+    pass
 
 
-class UpstreamTimeout(RequestError):
-    status = 504
-    code = "upstream_timeout"
+class TokenUnavailable(Unavailable):
+    pass
 
 
-def error_body(status: int, message: str, code: str) -> bytes:
-    """The upstream-shaped JSON error body."""
-    return json.dumps({"statusCode": status, "message": message, "error": code}).encode()
+class TooManyKeys(Unavailable):
+    pass
 
 
-def error_response(error: RequestError) -> web.Response:
-    """Turn a RequestError into the JSON response the caller gets."""
-    return web.Response(
-        status=error.status,
-        body=error_body(error.status, error.message, error.code),
-        content_type="application/json",
-        headers=error.headers,
-    )
+class TokenEndpointError(ProxyError):
+    """The token endpoint said no; `message` is the upstream's words (no secrets)."""
+
+
+class InvalidGrant(TokenEndpointError):
+    """The code or refresh token is invalid, expired or already used."""
+
+
+class LocationInactive(TokenEndpointError):
+    """The location is not active (temporary): keep the token, try later."""
+
+
+class ClientRejected(TokenEndpointError):
+    """The app's client id or secret was refused."""
+
+
+class InvalidJwt(TokenEndpointError):
+    """The bearer token sent was refused as `Invalid JWT`: expired or revoked, perhaps
+    before the expiry the proxy was told."""
+
+
+class InternalError(ProxyError):
+    """An unexpected failure, reported to the caller as such (the cause is logged)."""

@@ -17,42 +17,32 @@ import getpass
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.app import upstream_session
-from proxy.cli import CONFIG_ENV, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, config_from
+from proxy.commandline import CONFIG_ENV, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, config_from
 from proxy.config import AppConfig, Config
-from proxy.errors import ConfigError, ProxyError, RequestError, TokenUnavailable
-from proxy.redis_client import connect_redis
-from proxy.tokens.manager import TokenManager
-from proxy.tokens.oauth import (
+from proxy.errors import (
     ClientRejected,
+    CommandRefused,
+    ConfigError,
     InvalidGrant,
     LocationInactive,
-    OAuthClient,
+    ProxyError,
     TokenEndpointError,
+    TokenUnavailable,
 )
-from proxy.tokens.redis import RedisTokenStore
+from proxy.services import Services, open_services
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.oauth import OAuthClient
 from proxy.tokens.sealing import Sealer, reencrypt
-from proxy.tokens.sqlite import SqliteTokenStore
 from proxy.tokens.store import TokenRecord
-from proxy.tokens.stores import open_token_store
 
 DAY_S = 86400.0
 USER_TYPES = {"location": "Location", "company": "Company"}
-
-
-class Refused(ProxyError):
-    """A command that cannot do what was asked; `usage` picks exit 2 over exit 1."""
-
-    def __init__(self, message: str, *, usage: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.usage = usage
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -169,9 +159,11 @@ def _run(args: argparse.Namespace, command: Callable[[], Coroutine[Any, Any, Non
     """Run one command; a refusal or a failure is one line on stderr and its exit code."""
     try:
         asyncio.run(command())
-    except Refused as exc:
+    except CommandRefused as exc:
         return _fail(args, exc.message, EXIT_USAGE if exc.usage else EXIT_RUNTIME)
-    except (RequestError, TokenEndpointError) as exc:
+    except ConfigError:
+        raise  # the command line's own answer: one line naming the key, exit 2
+    except ProxyError as exc:
         return _fail(args, exc.message, EXIT_RUNTIME)
     return EXIT_OK
 
@@ -185,18 +177,18 @@ async def _add(config: Config, args: argparse.Namespace, refresh_token: str) -> 
     app = _app(config, args.app)
     kind, resource_id = _resource(args)
     user_type = args.user_type or USER_TYPES[kind]
-    async with _tokens(config) as manager:
+    async with _services(config) as services:
         # The refresh spends the imported token, so an unreachable store must fail first,
         # while the token still works: read from it before anything else.
-        await manager.store.get(app.app_id, kind, resource_id)
-        record = await _redeem(manager.oauth, app, refresh_token, user_type)
+        await services.token_store.get(app.app_id, kind, resource_id)
+        record = await _redeem(services.oauth, app, refresh_token, user_type)
         if not record.id:
             record = replace(record, id=resource_id)
-        stored = await _keep(manager, record)
+        stored = await _keep(services.tokens, record)
     until = _utc(stored.expires_at)
     print(f"added {stored.kind} {stored.id} for app {app.name} (access token valid until {until})")
     if (stored.kind, stored.id) != (kind, resource_id):
-        raise Refused(
+        raise CommandRefused(
             f"the token belongs to {stored.kind} {stored.id}, not {kind} {resource_id}: it "
             "was stored under the resource it belongs to"
         )
@@ -209,20 +201,20 @@ async def _redeem(
     try:
         grant = await oauth.refresh(app, refresh_token, user_type)
     except InvalidGrant as exc:
-        raise Refused(
+        raise CommandRefused(
             f"the refresh token is invalid or already used ({exc.message}); nothing was stored"
         ) from exc
     except ClientRejected as exc:
-        raise Refused(
+        raise CommandRefused(
             f"the token endpoint refused app {app.name!r}'s client credentials ({exc.message}): "
             "check its client_id and client_secret; nothing was stored"
         ) from exc
     except LocationInactive as exc:
-        raise Refused(f"{exc.message}; nothing was stored, try again later") from exc
+        raise CommandRefused(f"{exc.message}; nothing was stored, try again later") from exc
     except TokenEndpointError as exc:
-        raise Refused(f"{exc.message}; nothing was stored") from exc
+        raise CommandRefused(f"{exc.message}; nothing was stored") from exc
     except TokenUnavailable as exc:
-        raise Refused(
+        raise CommandRefused(
             "the upstream's token endpoint did not answer; nothing was stored. If the refresh "
             "did reach it, the token is spent and the app must be installed again"
         ) from exc
@@ -233,8 +225,8 @@ async def _keep(manager: TokenManager, record: TokenRecord) -> TokenRecord:
     """Store the new pair; if that fails now, the imported token is already spent."""
     try:
         return await manager.install(record)
-    except RequestError as exc:
-        raise Refused(
+    except ProxyError as exc:
+        raise CommandRefused(
             f"{exc.message}: the new token could not be stored, and the imported one is "
             "spent; install the app again"
         ) from exc
@@ -243,8 +235,8 @@ async def _keep(manager: TokenManager, record: TokenRecord) -> TokenRecord:
 async def _list(config: Config, args: argparse.Namespace) -> None:
     app_id = _app(config, args.app).app_id if args.app else None
     names = {app.app_id: app.name for app in config.apps}
-    async with _tokens(config) as manager:
-        records = await manager.store.list()
+    async with _services(config) as services:
+        records = await services.token_store.list()
     shown = sorted((r for r in records if app_id is None or r.app == app_id), key=lambda r: r.key)
     if not shown:
         print("no tokens stored")
@@ -255,21 +247,21 @@ async def _list(config: Config, args: argparse.Namespace) -> None:
 async def _delete(config: Config, args: argparse.Namespace) -> None:
     app = _app(config, args.app)
     kind, resource_id = _resource(args)
-    async with _tokens(config) as manager:
-        deleted = await manager.uninstall(app.app_id, kind, resource_id)
+    async with _services(config) as services:
+        deleted = await services.tokens.uninstall(app.app_id, kind, resource_id)
     if not deleted:
-        raise Refused(f"no token is stored for {kind} {resource_id} of app {app.name}")
+        raise CommandRefused(f"no token is stored for {kind} {resource_id} of app {app.name}")
     print(f"deleted {kind} {resource_id} for app {app.name}")
 
 
 async def _refresh(config: Config, args: argparse.Namespace) -> None:
     app = _app(config, args.app)
     kind, resource_id = _resource(args)
-    async with _tokens(config) as manager:
-        record = await manager.store.get(app.app_id, kind, resource_id)
+    async with _services(config) as services:
+        record = await services.token_store.get(app.app_id, kind, resource_id)
         if record is None:
-            raise Refused(f"no token is stored for {kind} {resource_id} of app {app.name}")
-        fresh = await manager.refresh_now(app, record)
+            raise CommandRefused(f"no token is stored for {kind} {resource_id} of app {app.name}")
+        fresh = await services.tokens.refresh_now(app, record)
     until = _utc(fresh.expires_at)
     print(
         f"refreshed {kind} {resource_id} for app {app.name} "
@@ -278,8 +270,8 @@ async def _refresh(config: Config, args: argparse.Namespace) -> None:
 
 
 async def _reencrypt(config: Config) -> None:
-    async with _store(config) as store:
-        rewritten, total = await reencrypt(store)
+    async with _services(config) as services:
+        rewritten, total = await reencrypt(services.token_store)
     print(
         f"rewrote {rewritten} of {total} token records with the first key of "
         "store.encryption_key (the others already were)"
@@ -289,27 +281,10 @@ async def _reencrypt(config: Config) -> None:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def _store(config: Config) -> AsyncIterator[SqliteTokenStore | RedisTokenStore]:
-    """The configured store (and its Redis client); both closed on the way out. An operator
-    runs these commands by hand: no warning about a missing key on each."""
-    redis = await connect_redis(config.store) if config.store.redis_url else None
-    try:
-        store = await open_token_store(config.store, redis, warn_clear=False)
-        try:
-            yield store
-        finally:
-            await store.close()
-    finally:
-        if redis is not None:
-            await redis.aclose()
-
-
-@asynccontextmanager
-async def _tokens(config: Config) -> AsyncIterator[TokenManager]:
-    """The configured store and upstream behind a TokenManager; all closed on the way out."""
-    async with _store(config) as store, upstream_session(config.upstream) as session:
-        yield TokenManager.for_config(config, store, session)
+def _services(config: Config) -> AbstractAsyncContextManager[Services]:
+    """The proxy's services for one command: no keep-alive, and no warning about a
+    missing encryption key (an operator runs these by hand)."""
+    return open_services(config, keepalive=False, warn_clear=False)
 
 
 def _app(config: Config, name: str | None) -> AppConfig:
@@ -320,7 +295,7 @@ def _app(config: Config, name: str | None) -> AppConfig:
             return app
     known = ", ".join(app.name for app in config.apps)
     said = "say which with --app NAME" if name is None else f"unknown app {name!r}"
-    raise Refused(f"--app: {said}; the config has: {known}", usage=True)
+    raise CommandRefused(f"--app: {said}; the config has: {known}", usage=True)
 
 
 def _resource(args: argparse.Namespace) -> tuple[str, str]:
@@ -337,14 +312,14 @@ def _read_refresh_token(args: argparse.Namespace) -> str:
             # Not str(exc): a decode error quotes bytes of the file, i.e. of the token.
             reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
             where = f"--refresh-token-file: cannot read {args.refresh_token_file}"
-            raise Refused(f"{where}: {reason}", usage=True) from exc
+            raise CommandRefused(f"{where}: {reason}", usage=True) from exc
         where = f"--refresh-token-file: {args.refresh_token_file} has no token on its first line"
     else:
         line = getpass.getpass("Refresh token: ") if sys.stdin.isatty() else sys.stdin.readline()
         where = "--refresh-token-stdin: no token on stdin"
     token = line.strip()
     if not token:
-        raise Refused(where, usage=True)
+        raise CommandRefused(where, usage=True)
     return token
 
 

@@ -18,14 +18,14 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from proxy.config import AppConfig, WebhooksConfig
-from proxy.errors import NotFound, NoToken, WebhookRefused, WebhookReplayed
+from proxy.errors import NotFound, NoToken, WebhookRejected, WebhookReplayed
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.store import TokenStore
 from proxy.tokens.webhooks import (
     INSTALL,
     UNINSTALL,
     WebhookEvent,
     WebhookKeys,
-    WebhookRejected,
     check_fresh,
     parse_event,
     require_webhook_id,
@@ -44,6 +44,7 @@ class WebhookReceiver:
         keys: WebhookKeys,
         config: WebhooksConfig,
         manager: TokenManager,
+        claims: TokenStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -51,6 +52,7 @@ class WebhookReceiver:
         self._keys = keys
         self._config = config
         self._manager = manager
+        self._claims = claims  # where a webhookId is claimed once, across replicas
         self._clock = clock
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -61,9 +63,7 @@ class WebhookReceiver:
                 + ", ".join(sorted(self._apps))
             )
         event, webhook_id = self._verified(app, await request.read(), request)
-        if not await self._manager.store.claim_once(
-            f"webhook:{webhook_id}", self._config.max_age_s * 2
-        ):
+        if not await self._claims.claim_once(f"webhook:{webhook_id}", self._config.max_age_s * 2):
             raise WebhookReplayed(f"Delivery {webhook_id} was already received")
         action = await self._apply(app, event)
         log.info("webhook %s for app %s: %s", event.type, app.name, action)
@@ -72,20 +72,16 @@ class WebhookReceiver:
     def _verified(
         self, app: AppConfig, body: bytes, request: web.Request
     ) -> tuple[WebhookEvent, str]:
-        """The event and its webhookId, or WebhookRefused saying what is wrong."""
-        try:
-            verify_signature(self._keys, body, request.headers)
-            event = parse_event(body)
-            if event.type in (INSTALL, UNINSTALL) and event.app_id != app.app_id:
-                raise WebhookRejected(
-                    f"The delivery is for app {event.app_id!r}, but this URL is app "
-                    f"{app.name!r} ({app.app_id})"
-                )
-            check_fresh(event, datetime.fromtimestamp(self._clock(), UTC), self._config.max_age_s)
-            webhook_id = require_webhook_id(event)
-        except WebhookRejected as exc:
-            raise WebhookRefused(exc.reason) from exc
-        return event, webhook_id
+        """The event and its webhookId, or WebhookRejected saying what is wrong."""
+        verify_signature(self._keys, body, request.headers)
+        event = parse_event(body)
+        if event.type in (INSTALL, UNINSTALL) and event.app_id != app.app_id:
+            raise WebhookRejected(
+                f"The delivery is for app {event.app_id!r}, but this URL is app "
+                f"{app.name!r} ({app.app_id})"
+            )
+        check_fresh(event, datetime.fromtimestamp(self._clock(), UTC), self._config.max_age_s)
+        return event, require_webhook_id(event)
 
     async def _apply(self, app: AppConfig, event: WebhookEvent) -> str:
         if event.type == UNINSTALL:

@@ -33,9 +33,16 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy.config import AppConfig, TokensConfig
-from proxy.errors import BadRequest, InstallRefused, RateLimited, RequestError
+from proxy.errors import (
+    BadRequest,
+    InstallRefused,
+    InvalidGrant,
+    ProxyError,
+    RateLimited,
+    TokenEndpointError,
+)
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.oauth import InvalidGrant, OAuthClient, TokenEndpointError, TokenGrant
+from proxy.tokens.oauth import OAuthClient, TokenGrant
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +114,7 @@ class InstallFlow:
         )
         try:
             page = await self._install(request)
-        except RequestError as exc:
+        except ProxyError as exc:
             exc.headers.update(clear)
             raise
         return web.Response(text=page, content_type="text/html", headers=clear)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from proxy.config import AppConfig, TokensConfig
 from proxy.errors import ProxyError
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.store import OK, TokenRecord
+from proxy.tokens.store import OK, TokenRecord, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class KeepAlive:
     def __init__(
         self,
         manager: TokenManager,
+        store: TokenStore,
         apps: Mapping[str, AppConfig],
         config: TokensConfig,
         *,
@@ -47,6 +48,7 @@ class KeepAlive:
     ) -> None:
         """`apps` maps marketplace app id to its config."""
         self._manager = manager
+        self._store = store
         self._apps = apps
         self._config = config
         self._clock = clock
@@ -64,7 +66,7 @@ class KeepAlive:
     async def run_once(self) -> int:
         """Refresh every due record; returns how many were refreshed (or found refreshed)."""
         now = self._clock()
-        due = [record for record in await self._manager.store.list() if self.due(record, now)]
+        due = [record for record in await self._store.list() if self.due(record, now)]
         gate = asyncio.Semaphore(CONCURRENT_REFRESHES)
 
         async def refresh(record: TokenRecord) -> bool:

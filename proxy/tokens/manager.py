@@ -28,25 +28,20 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-import aiohttp
-
-from proxy.config import AppConfig, Config, TokensConfig
+from proxy.config import AppConfig, TokensConfig
 from proxy.errors import (
-    NoToken,
-    ReauthorizationRequired,
-    TokenStoreUnavailable,
-    TokenUnavailable,
-)
-from proxy.metrics import Metrics
-from proxy.tokens.oauth import (
     ClientRejected,
     InvalidGrant,
     InvalidJwt,
     LocationInactive,
-    OAuthClient,
+    NoToken,
+    ReauthorizationRequired,
     TokenEndpointError,
-    TokenGrant,
+    TokenStoreUnavailable,
+    TokenUnavailable,
 )
+from proxy.metrics import Metrics
+from proxy.tokens.oauth import OAuthClient, TokenGrant
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
 
 log = logging.getLogger(__name__)
@@ -75,34 +70,17 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`attempt_s` is the longest one token endpoint call can take."""
-        self.store = store
+        self._store = store
         self._attempt_s = attempt_s
         self._holding: set[Key] = set()  # keys whose refresh lock this process holds
         self._metrics = metrics or Metrics()
-        self.oauth = oauth
+        self._oauth = oauth
         self._config = config
         self._clock = clock
         self._cache: dict[Key, TokenRecord] = {}
         self._inflight: dict[Key, asyncio.Task[TokenRecord]] = {}
         # (app id, location id) -> until when minting for it is known to fail
         self._missing: OrderedDict[tuple[str, str], float] = OrderedDict()
-
-    @classmethod
-    def for_config(
-        cls,
-        config: Config,
-        store: TokenStore,
-        session: aiohttp.ClientSession,
-        *,
-        metrics: Metrics | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> TokenManager:
-        """The manager for `config`: its token endpoint client bounded like its lock."""
-        attempt_s = config.upstream.timeout_s + config.upstream.connect_timeout_s
-        oauth = OAuthClient(
-            session, config.upstream.base_url, attempt_timeout_s=attempt_s, clock=clock
-        )
-        return cls(store, oauth, config.tokens, metrics=metrics, attempt_s=attempt_s, clock=clock)
 
     # -- what the request path calls -----------------------------------------------------
 
@@ -137,7 +115,7 @@ class TokenManager:
     async def install(self, record: TokenRecord) -> TokenRecord:
         """Store a freshly installed pair over whatever was there (a reinstall heals a dead
         record)."""
-        stored = await self.store.replace(record)
+        stored = await self._store.replace(record)
         self._cache[stored.key] = stored  # a reinstall may restart versions: it always wins
         if stored.kind == "location":
             self._missing.pop((stored.app, stored.id), None)
@@ -150,7 +128,7 @@ class TokenManager:
     async def uninstall(self, app_id: str, kind: str, resource_id: str) -> bool:
         """Delete the record of an uninstalled app: its tokens are dead upstream."""
         self.forget((app_id, kind, resource_id))
-        return await self.store.delete(app_id, kind, resource_id)
+        return await self._store.delete(app_id, kind, resource_id)
 
     async def aclose(self, timeout_s: float) -> None:
         """Let refreshes under way finish (they may hold the only live pair) before the
@@ -187,7 +165,7 @@ class TokenManager:
 
     async def _current(self, app: AppConfig, key: Key) -> TokenRecord:
         """The stored record (minting a Location token if need be); never a dead one."""
-        record = await self.store.get(*key)
+        record = await self._store.get(*key)
         if record is None and key[1] == "location":
             record = await self._single_flight(key, lambda: self._mint(app, key[2]))
         if record is None:
@@ -230,14 +208,14 @@ class TokenManager:
         deadline = self._clock() + self._config.refresh_lock_ttl_s * 2
         name = f"refresh:{stale.tag}"
         while True:
-            current = await self.store.get(*stale.key)
+            current = await self._store.get(*stale.key)
             if current is None:
                 raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
             _refuse_dead(current, app)
             if current.version != stale.version or (not force and self._fresh(current)):
                 return current  # someone else refreshed it
             locked_at = time.monotonic()
-            owner = await self.store.acquire_lock(name, self._config.refresh_lock_ttl_s)
+            owner = await self._store.acquire_lock(name, self._config.refresh_lock_ttl_s)
             if owner is not None:
                 self._holding.add(stale.key)
                 try:
@@ -255,14 +233,14 @@ class TokenManager:
         """Release a lock; if the store is down it expires by itself, and what was stored
         under it stands, so the caller should not see an error for it."""
         try:
-            await self.store.release_lock(name, owner)
+            await self._store.release_lock(name, owner)
         except TokenStoreUnavailable:
             log.warning("could not release lock %s; it expires by itself", name)
 
     async def _refresh_holding_lock(
         self, app: AppConfig, stale: TokenRecord, locked_at: float
     ) -> TokenRecord:
-        current = await self.store.get(*stale.key)
+        current = await self._store.get(*stale.key)
         if current is None:
             raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
         if current.version != stale.version:
@@ -293,7 +271,7 @@ class TokenManager:
         token. Refusals other than invalid_grant become 503 token_unavailable."""
         try:
             if current.refresh_token:
-                return await self.oauth.refresh(
+                return await self._oauth.refresh(
                     app, current.refresh_token, current.user_type, start_by=start_by
                 )
             return await self._location_grant(app, current.company_id, current.id)
@@ -316,7 +294,7 @@ class TokenManager:
         (the lock is still held) and a record wrongly marked dead is overwritten."""
         for attempt in range(STORE_ATTEMPTS):
             try:
-                if await self.store.compare_and_set(fresh):
+                if await self._store.compare_and_set(fresh):
                     log.info("refreshed token %s (version %d)", current.tag, fresh.version)
                     return fresh
                 break
@@ -325,7 +303,7 @@ class TokenManager:
                     log.error("could not store the new pair of %s: it is lost", current.tag)
                     raise
                 await asyncio.sleep(0.2)
-        latest = await self.store.get(*current.key)
+        latest = await self._store.get(*current.key)
         if latest is None:
             raise NoToken(f"The token for {current.kind} {current.id} was deleted")
         if latest.refresh_token == fresh.refresh_token:
@@ -334,26 +312,26 @@ class TokenManager:
             # Someone holding our old refresh token saw it refused because we spent it:
             # our pair is the live one.
             revived = replace(fresh, version=latest.version + 1)
-            if await self.store.compare_and_set(revived):
+            if await self._store.compare_and_set(revived):
                 return revived
         log.error("token record %s changed while its refresh lock was held", current.tag)
         _refuse_dead(latest, app)
         return latest
 
     async def _mark_dead(self, app: AppConfig, failed: TokenRecord, reason: str) -> TokenRecord:
-        latest = await self.store.get(*failed.key)
+        latest = await self._store.get(*failed.key)
         if latest is not None and latest.refresh_token != failed.refresh_token:
             _refuse_dead(latest, app)
             return latest  # another replica won the rotation; its pair is live
         dead = replace(failed, status=NEEDS_REAUTH, version=failed.version + 1)
-        await self.store.compare_and_set(dead)
+        await self._store.compare_and_set(dead)
         log.error("refresh token of %s is invalid (%s): reinstall needed", failed.tag, reason)
         _refuse_dead(dead, app)
         raise AssertionError("unreachable")  # _refuse_dead raised
 
     async def _mint(self, app: AppConfig, location_id: str) -> TokenRecord:
         """A Location token from a Company install that approves this location."""
-        existing = await self.store.get(app.app_id, "location", location_id)
+        existing = await self._store.get(app.app_id, "location", location_id)
         if existing is not None:
             return existing
         if self._known_missing(app.app_id, location_id):
@@ -370,7 +348,7 @@ class TokenManager:
                 )
                 continue
             record = grant.record(app.app_id, now=self._clock())
-            stored = await self.store.replace(record)
+            stored = await self._store.replace(record)
             log.info("minted a location token for %s from company %s", record.tag, company.id)
             return stored
         self._remember_missing(app.app_id, location_id)
@@ -383,11 +361,11 @@ class TokenManager:
         (revoked, or expired before its time) is refreshed and the mint tried once more."""
         company_token = await self.access_token(app, "company", company_id)
         try:
-            return await self.oauth.location_token(company_token, company_id, location_id)
+            return await self._oauth.location_token(company_token, company_id, location_id)
         except InvalidJwt:
             log.info("company %s token refused while minting; refreshing it", company_id)
         company_token = await self.after_invalid_jwt(app, "company", company_id, company_token)
-        return await self.oauth.location_token(company_token, company_id, location_id)
+        return await self._oauth.location_token(company_token, company_id, location_id)
 
     def _known_missing(self, app_id: str, location_id: str) -> bool:
         until = self._missing.get((app_id, location_id))
@@ -407,7 +385,7 @@ class TokenManager:
     async def _approving_companies(self, app: AppConfig, location_id: str) -> list[TokenRecord]:
         companies = [
             record
-            for record in await self.store.list()
+            for record in await self._store.list()
             if record.app == app.app_id
             and record.kind == "company"
             and record.status != NEEDS_REAUTH

@@ -19,38 +19,20 @@ from typing import Any
 import aiohttp
 
 from proxy.config import AppConfig
-from proxy.errors import ProxyError, TokenUnavailable
+from proxy.errors import (
+    ClientRejected,
+    InvalidGrant,
+    InvalidJwt,
+    LocationInactive,
+    TokenEndpointError,
+    TokenUnavailable,
+)
 from proxy.tokens.store import OK, TokenRecord
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (0.2, 0.5, 1.0)
 LOCATION_TOKEN_VERSION = "2021-07-28"
-
-
-class TokenEndpointError(ProxyError):
-    """The token endpoint said no; `message` is the upstream's words (no secrets)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidGrant(TokenEndpointError):
-    """The code or refresh token is invalid, expired or already used."""
-
-
-class LocationInactive(TokenEndpointError):
-    """The location is not active (temporary): keep the token, try later."""
-
-
-class ClientRejected(TokenEndpointError):
-    """The app's client id or secret was refused."""
-
-
-class InvalidJwt(TokenEndpointError):
-    """The bearer token sent was refused as `Invalid JWT`: expired or revoked, perhaps
-    before the expiry the proxy was told."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ Pure functions, no I/O. The webhook handler runs them in this order, on the raw 
    claims the id once (``claim_once``) and refuses an id already claimed. The freshness
    window bounds how long a claim must be remembered.
 
-Every refusal is a ``WebhookRejected`` whose ``reason`` is one sentence a sender's operator
+Every refusal is a ``WebhookRejected`` whose ``message`` is one sentence a sender's operator
 can act on; it never quotes a signature or the body.
 """
 
@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from proxy.errors import ProxyError
+from proxy.errors import WebhookRejected
 
 ED25519 = "ed25519"
 RSA = "rsa"
@@ -50,14 +50,6 @@ INSTALL_TYPES = frozenset({"Location", "Company"})
 _MIN_RSA_BITS = 2048
 # Enough of a bad timestamp to recognise it in a log, not enough to carry the body along.
 _QUOTE_LIMIT = 40
-
-
-class WebhookRejected(ProxyError):
-    """A delivery the proxy refuses. ``reason`` never includes the signature or the body."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class WebhookKeyError(ValueError):

@@ -9,9 +9,9 @@ import re
 import aiohttp
 
 from proxy.admin import create_admin_app
-from proxy.app import METRICS
 from proxy.metrics import Metrics
 from proxy.server import bind_socket, start_server
+from proxy.services import SERVICES
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.leaks import leaked
 
@@ -66,7 +66,7 @@ async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, h
         burst = asyncio.gather(*(call(i) for i in range(8)))
         # While any request waits for its slot, the next slot is in the future, so a
         # request that may not wait is refused: a definite order, not a race with the window.
-        await until_waiting(proxy.runner.app[METRICS], burst)
+        await until_waiting(proxy.runner.app[SERVICES].metrics, burst)
         refused = await call(99, max_wait_ms="0")
         statuses = await burst
         async with http.get(f"{admin.url}/metrics") as answer:

@@ -18,10 +18,9 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.admin import create_admin_app
-from proxy.app import METRICS, answer_errors_as_json, create_app
-from proxy.metrics import Metrics
+from proxy.http_errors import answer_errors_as_json
 from proxy.server import bind_socket, start_server
-from tests.conftest import SIM_CLIENT_ID, proxy_config
+from tests.conftest import SIM_CLIENT_ID
 from tests.support.tokens import _part, location_jwt
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
@@ -295,15 +294,11 @@ async def test_non_utf8_header_bytes_are_a_4xx(
     assert json.loads(body)["statusCode"] == status
 
 
-async def test_non_utf8_admin_authorization_is_a_401(simulator, tmp_path) -> None:
+async def test_non_utf8_admin_authorization_is_a_401(simulator, start_proxy) -> None:
     """The admin listener with a token: a non-UTF-8 Authorization is 401, not 500."""
-    config = proxy_config(
-        simulator.url,
-        admin={"host": "127.0.0.1", "port": 0, "token": "admin-token-for-test"},
-        store={"sqlite_path": str(tmp_path / "t.db")},
-    )
+    proxy = await start_proxy(simulator.url, admin={"token": "admin-token-for-test"})
     admin = await start_server(
-        create_admin_app(create_app(config)), bind_socket("127.0.0.1", 0), grace_s=1
+        create_admin_app(proxy.runner.app), bind_socket("127.0.0.1", 0), grace_s=1
     )
     try:
         status, body = await raw_request(
@@ -362,8 +357,7 @@ async def test_unexpected_exception_is_json_internal_error_with_one_log_line(
     async def boom(request: web.Request) -> web.Response:
         raise RuntimeError("secret-in-exception-message")
 
-    app = web.Application(middlewares=[answer_errors_as_json])
-    app[METRICS] = Metrics()
+    app = web.Application(middlewares=[answer_errors_as_json()])
     app.router.add_get("/boom", boom)
     server = await start_server(app, bind_socket("127.0.0.1", 0), grace_s=1, access_log=False)
     try:

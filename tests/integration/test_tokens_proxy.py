@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import CONFIG, TOKENS
 from proxy.errors import NoToken
+from proxy.services import SERVICES
 from proxy.tokens.keepalive import KeepAlive
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import INSTALL_COOKIE, install_via_start
@@ -107,9 +107,10 @@ async def test_24_simulated_hours_of_minute_long_tokens(simulator, start_proxy, 
     simulator.state.advance_clock(clock.now - simulator.state.now())
     proxy = await start_proxy(simulator.url, clock=clock, **ROOMY)
     await install(http, proxy.url, simulator, location_id=LOCATION)
-    config = proxy.runner.app[CONFIG]
-    manager = proxy.runner.app[TOKENS]
-    keepalive = KeepAlive(manager, {APP_ID: config.apps[0]}, config.tokens, clock=clock)
+    config = proxy.runner.app[SERVICES].config
+    manager = proxy.runner.app[SERVICES].tokens
+    store = proxy.runner.app[SERVICES].token_store
+    keepalive = KeepAlive(manager, store, {APP_ID: config.apps[0]}, config.tokens, clock=clock)
     statuses = []
     for minute in range(24 * 60):
         clock.advance(60)
@@ -131,7 +132,7 @@ async def test_dead_refresh_token_needs_reinstall_and_reinstall_heals(
     reauthorization_required naming the resource; a new install through the callback heals."""
     proxy = await start_proxy(simulator.url, **ROOMY)
     await install(http, proxy.url, simulator, location_id=LOCATION)
-    stored = await proxy.runner.app[TOKENS].store.get(APP_ID, "location", LOCATION)
+    stored = await proxy.runner.app[SERVICES].token_store.get(APP_ID, "location", LOCATION)
     simulator.state.tokens.rotate(  # spent behind the proxy's back: its copy is dead
         stored.refresh_token, SIM_CLIENT_ID, simulator.state.now(), 86399, 10**9
     )
@@ -227,15 +228,15 @@ async def test_token_endpoint_down_keeps_the_old_token(simulator, start_proxy, h
     dead_end = f"http://127.0.0.1:{free_port()}"
     proxy = await start_proxy(simulator.url, **ROOMY)
     await install(http, proxy.url, simulator, location_id=LOCATION)
-    manager = proxy.runner.app[TOKENS]
-    before = await manager.store.get(APP_ID, "location", LOCATION)
-    working_base = manager.oauth._base_url
-    manager.oauth._base_url = dead_end  # the token endpoint goes away
+    services = proxy.runner.app[SERVICES]
+    before = await services.token_store.get(APP_ID, "location", LOCATION)
+    working_base = services.oauth._base_url
+    services.oauth._base_url = dead_end  # the token endpoint goes away
     simulator.state.expire_tokens(RESOURCE)
     status, body = await managed(http, proxy.url)
     assert status == 503 and body["error"] == "token_unavailable"
-    assert await manager.store.get(APP_ID, "location", LOCATION) == before
-    manager.oauth._base_url = working_base
+    assert await services.token_store.get(APP_ID, "location", LOCATION) == before
+    services.oauth._base_url = working_base
     assert (await managed(http, proxy.url))[0] == 200
 
 
@@ -244,10 +245,11 @@ async def test_refresh_of_a_deleted_record_ends_at_once(simulator, start_proxy, 
     wait on itself, and later requests are not stuck behind it."""
     proxy = await start_proxy(simulator.url, **ROOMY)
     await install(http, proxy.url, simulator, location_id=LOCATION)
-    manager = proxy.runner.app[TOKENS]
-    stale = await manager.store.get(APP_ID, "location", LOCATION)
-    await manager.store.delete(APP_ID, "location", LOCATION)
-    app = proxy.runner.app[CONFIG].apps[0]
+    services = proxy.runner.app[SERVICES]
+    manager, store = services.tokens, services.token_store
+    stale = await store.get(APP_ID, "location", LOCATION)
+    await store.delete(APP_ID, "location", LOCATION)
+    app = services.config.apps[0]
     with pytest.raises(NoToken):
         await asyncio.wait_for(manager.refresh_now(app, stale), timeout=5)
     manager.forget(stale.key)  # as an uninstall would; another replica's cache may lag

@@ -48,7 +48,7 @@ def record(index: int, *, expires_at: float, refreshed_at: float, **more: object
 
 
 def keepalive() -> KeepAlive:
-    return KeepAlive(manager=None, apps={"app1": APP}, config=TokensConfig())  # type: ignore[arg-type]
+    return KeepAlive(manager=None, store=None, apps={"app1": APP}, config=TokensConfig())  # type: ignore[arg-type]
 
 
 def test_tokens_issued_together_are_refreshed_spread_over_an_hour() -> None:

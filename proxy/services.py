@@ -1,0 +1,183 @@
+"""The one place that builds the proxy's object graph, and closes it in reverse.
+
+`open_services(config)` opens, in order: the Redis client (when `store.redis_url` is set),
+the limiter (in memory, or Redis behind its fallback), the token store (SQLite or Redis),
+the upstream HTTP session, the token manager and its token endpoint client, admission, the
+forwarder, the install flow and the webhook receiver, and the keep-alive task; on the way
+out each is closed after everything that uses it. The main app, the admin app, the
+`tokens` commands, the demo and the tests all take what they need from the `Services` it
+yields, so there is one graph and one order of teardown (as Envoy's ratelimit runner
+alone picks and builds its backends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import Redis, RedisCluster
+
+from proxy.admission import Admission
+from proxy.config import AppConfig, Config, UpstreamConfig
+from proxy.forward import Forwarder
+from proxy.limiter.base import Limiter
+from proxy.limiter.fallback import FallbackLimiter
+from proxy.limiter.memory import MemoryLimiter
+from proxy.limiter.redis import RedisLimiter
+from proxy.metrics import Metrics
+from proxy.redis_client import connect_redis
+from proxy.resolve import Resolver
+from proxy.tokens.deliveries import WebhookReceiver
+from proxy.tokens.install import InstallFlow
+from proxy.tokens.keepalive import KeepAlive
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.oauth import OAuthClient
+from proxy.tokens.store import TokenStore
+from proxy.tokens.stores import open_token_store
+from proxy.tokens.webhooks import WebhookKeys
+
+RedisClient = Redis | RedisCluster
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything one proxy process runs on, built from one config."""
+
+    config: Config
+    metrics: Metrics
+    redis: RedisClient | None
+    limiter: Limiter
+    token_store: TokenStore
+    session: aiohttp.ClientSession
+    oauth: OAuthClient
+    tokens: TokenManager
+    admission: Admission
+    forwarder: Forwarder
+    install: InstallFlow
+    webhooks: WebhookReceiver
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+@asynccontextmanager
+async def open_services(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    keepalive: bool = True,
+    warn_clear: bool = True,
+) -> AsyncIterator[Services]:
+    """Open everything `config` describes; close it all, in reverse, on the way out.
+
+    `clock` (wall time) drives token expiry and the limit day; tests move it. `keepalive`
+    False runs no background refresh (the `tokens` commands, tests that drive it by
+    hand); `warn_clear` False skips the warning about tokens stored in clear (commands an
+    operator runs by hand).
+    """
+    async with AsyncExitStack() as stack:
+        redis = await connect_redis(config.store) if config.store.redis_url else None
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+        metrics = Metrics()
+        limiter = choose_limiter(config, redis)
+        stack.push_async_callback(limiter.close)
+        if isinstance(limiter, FallbackLimiter):
+            metrics.watch_degraded(lambda: limiter.degraded)
+        store = await open_token_store(config.store, redis, warn_clear=warn_clear)
+        stack.push_async_callback(store.close)
+        session = await stack.enter_async_context(upstream_session(config.upstream))
+        # The longest one token endpoint call can take; the refresh lock must outlive it.
+        attempt_s = config.upstream.timeout_s + config.upstream.connect_timeout_s
+        base_url = config.upstream.base_url
+        oauth = OAuthClient(session, base_url, attempt_timeout_s=attempt_s, clock=clock)
+        tokens = TokenManager(
+            store, oauth, config.tokens, metrics=metrics, attempt_s=attempt_s, clock=clock
+        )
+        # Refreshes under way may hold the only live pair: let them finish first.
+        stack.push_async_callback(tokens.aclose, config.tokens.refresh_lock_ttl_s)
+        admission = Admission(
+            limiter, config.limits, config.queue, metrics=metrics, wall_clock=clock
+        )
+        services = Services(
+            config=config,
+            metrics=metrics,
+            redis=redis,
+            limiter=limiter,
+            token_store=store,
+            session=session,
+            oauth=oauth,
+            tokens=tokens,
+            admission=admission,
+            forwarder=Forwarder(session, config, Resolver(config), admission, tokens),
+            install=InstallFlow(_by_name(config), config.tokens, oauth, tokens),
+            webhooks=_webhook_receiver(config, tokens, store, clock),
+        )
+        if keepalive:
+            by_id = {app.app_id: app for app in config.apps}
+            refresher = KeepAlive(tokens, store, by_id, config.tokens, clock=clock)
+            await stack.enter_async_context(_running(refresher))
+        yield services
+
+
+def _by_name(config: Config) -> dict[str, AppConfig]:
+    return {app.name: app for app in config.apps}
+
+
+def _webhook_receiver(
+    config: Config, tokens: TokenManager, store: TokenStore, clock: Callable[[], float]
+) -> WebhookReceiver:
+    webhooks = config.webhooks
+    keys = WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
+    return WebhookReceiver(_by_name(config), keys, webhooks, tokens, store, clock=clock)
+
+
+@asynccontextmanager
+async def _running(refresher: KeepAlive) -> AsyncIterator[None]:
+    """The keep-alive loop as a task, cancelled on the way out."""
+    task = asyncio.create_task(refresher.run_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def choose_limiter(config: Config, client: RedisClient | None) -> Limiter:
+    """Memory without Redis; with Redis, the shared limiter behind its fallback. Either
+    way the state kept in process is capped at `limits.max_tracked_keys` keys."""
+    max_keys = config.limits.max_tracked_keys
+    if client is None:
+        return MemoryLimiter(max_keys=max_keys)
+    share = config.store.expected_replicas if config.store.on_redis_error == "local" else None
+    shared = RedisLimiter(client, max_keys=max_keys)
+    return FallbackLimiter(shared, local_share=share, max_keys=max_keys)
+
+
+def upstream_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
+    """One pooled session for all upstream traffic.
+
+    Bodies pass through untouched (no decompression, no added User-Agent, Accept or
+    Content-Type), cookies are never kept, and the timeouts bound every phase except a
+    long body that keeps flowing.
+    """
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=upstream.timeout_s,
+        sock_connect=upstream.connect_timeout_s,
+        sock_read=upstream.timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=upstream.max_connections),
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )
