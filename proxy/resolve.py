@@ -10,8 +10,6 @@ read before.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import re
@@ -28,6 +26,7 @@ from proxy.errors import (
     ResourceForbidden,
     ResourceUnresolved,
 )
+from proxy.jwt import jwt_claims
 from proxy.limiter.base import LimitKey
 
 LOCATION_HEADER = "X-HoopAI-Location-Id"
@@ -79,19 +78,6 @@ def bearer_of(headers: CIMultiDictProxy[str]) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return value.strip() or None
-
-
-def jwt_claims(token: str) -> dict[str, Any] | None:
-    """The payload of a JWT-shaped token, unverified; None if it is not one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(payload)
-    except (binascii.Error, ValueError, RecursionError):
-        return None
-    return claims if isinstance(claims, dict) else None
 
 
 def is_highlevel_token(token: str, claims: dict[str, Any] | None) -> bool:

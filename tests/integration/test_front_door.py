@@ -7,7 +7,6 @@ Everything runs over real HTTP against the proxy app and the simulator."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 from typing import Any
@@ -19,9 +18,10 @@ from yarl import URL
 
 from proxy.admin import create_admin_app
 from proxy.http_errors import answer_errors_as_json
+from proxy.jwt import b64url
 from proxy.server import bind_socket, start_server
 from tests.conftest import SIM_CLIENT_ID
-from tests.support.tokens import _part, location_jwt
+from tests.support.tokens import location_jwt
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 CALLER_KEY = "front-door-caller-key"
@@ -337,15 +337,11 @@ async def test_jwt_payload_nested_too_deep_is_not_a_500(simulator, start_proxy, 
     """A bearer whose payload is 5,000 `[`: not a HighLevel token, so not passed through;
     the answer is a 4xx JSON error, not a 500."""
     proxy = await start_proxy(simulator.url)
-    token = f"{_part({'alg': 'RS256'})}.{_b64(b'[' * 5000)}.c2ln"
+    token = f"{b64url(b'{}')}.{b64url(b'[' * 5000)}.c2ln"
     status, body = await send(
         http, "GET", f"{proxy.url}/contacts/", headers={"Authorization": f"Bearer {token}"}
     )
     assert 400 <= status < 500 and body["statusCode"] == status
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def test_unexpected_exception_is_json_internal_error_with_one_log_line(

@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from proxy.jwt import b64url_decode
 from proxy.simulator import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app
 from proxy.simulator.client import SimulatorClient, SimulatorError
-from proxy.simulator.jwt import b64url_decode
 from proxy.simulator.testing import RunningSimulator, running_simulator
 
 CLIENT_ID = "6650f1a2b3c4d5e6f7a8b9c0-simdemo01"

@@ -7,14 +7,9 @@ its signature, and passes the token through; the simulator's unauthenticated pro
 
 from __future__ import annotations
 
-import base64
-import json
+from proxy.jwt import encode_jwt
 
 SIM_CLIENT_ID = "6650f1a2b3c4d5e6f7a8b9c0-simdemo01"
-
-
-def _part(data: dict[str, object]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
 def location_jwt(location_id: str, client_id: str = SIM_CLIENT_ID) -> str:
@@ -25,7 +20,7 @@ def location_jwt(location_id: str, client_id: str = SIM_CLIENT_ID) -> str:
         "sourceId": client_id,
         "oauthMeta": {"client": client_id.split("-", 1)[0], "scopes": []},
     }
-    return f"{_part({'alg': 'RS256', 'typ': 'JWT'})}.{_part(payload)}.dGVzdA"
+    return encode_jwt({"alg": "RS256", "typ": "JWT"}, payload, b"test")
 
 
 def bearer(location_id: str) -> dict[str, str]:

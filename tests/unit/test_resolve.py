@@ -12,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from proxy.config import parse_config
 from proxy.errors import BadRequest, CallerUnauthenticated, ResourceForbidden, ResourceUnresolved
-from proxy.resolve import RequestFacts, Resolver, jwt_claims
+from proxy.jwt import jwt_claims
+from proxy.resolve import RequestFacts, Resolver
 
 APP = {"name": "main", "client_id": "6650aaaa-main01", "client_secret": "s"}
 OTHER = {"name": "other", "client_id": "7777bbbb-other", "client_secret": "s"}
