@@ -65,7 +65,7 @@ def start_proxy(workdir: Path, name: str, upstream: str, **store: str) -> Servic
         workdir / f"{name}.yaml",
         {
             "server": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
             "upstream": {"base_url": upstream},
             "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
             "limits": UNLIMITED,

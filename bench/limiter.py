@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import machine, write_section  # noqa: E402
-from proxy.limiter.base import Day, Limiter, LimitKey, Limits  # noqa: E402
+from proxy.limiter.base import Day, Limiter, Limits  # noqa: E402
 from proxy.limiter.memory import MemoryLimiter  # noqa: E402
 from proxy.limiter.redis import RedisLimiter  # noqa: E402
+from proxy.typing import ResourceKey  # noqa: E402
 from tests.support.processes import proxy_process, simulator_process, write_config  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.tokens import bearer  # noqa: E402
@@ -43,7 +44,7 @@ DAY = Day(id="2026-01-01", ends_in_s=86_400.0)
 COUNT = 10_000
 
 
-async def timed_decisions(limiter: Limiter, keys: Callable[[int], LimitKey]) -> float:
+async def timed_decisions(limiter: Limiter, keys: Callable[[int], ResourceKey]) -> float:
     """Microseconds per decision for COUNT sequential decisions."""
     started = time.perf_counter()
     for index in range(COUNT):
@@ -51,7 +52,7 @@ async def timed_decisions(limiter: Limiter, keys: Callable[[int], LimitKey]) -> 
     return (time.perf_counter() - started) / COUNT * 1e6
 
 
-async def memory_backend(keys: Callable[[int], LimitKey]) -> tuple[float, float]:
+async def memory_backend(keys: Callable[[int], ResourceKey]) -> tuple[float, float]:
     """(us per decision, KiB of state) for the memory backend."""
     gc.collect()
     tracemalloc.start()
@@ -62,7 +63,7 @@ async def memory_backend(keys: Callable[[int], LimitKey]) -> tuple[float, float]
     return per_decision, held / 1024
 
 
-async def redis_backend(redis_url: str, keys: Callable[[int], LimitKey]) -> tuple[float, float]:
+async def redis_backend(redis_url: str, keys: Callable[[int], ResourceKey]) -> tuple[float, float]:
     """(us per decision, KiB of state in Redis) for the Redis backend."""
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -82,7 +83,7 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
         workdir / "queue.yaml",
         {
             "server": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
             "upstream": {"base_url": simulator.url},
             "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
             "queue": {"max_wait_ms": 3_600_000},
@@ -117,13 +118,13 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
 
 
 async def main() -> None:
-    one_key = LimitKey("benchapp", "location", "one")
+    one_key = ResourceKey("benchapp", "location", "one")
 
-    def same(_: int) -> LimitKey:
+    def same(_: int) -> ResourceKey:
         return one_key
 
-    def many(index: int) -> LimitKey:
-        return LimitKey("benchapp", "location", f"loc{index}")
+    def many(index: int) -> ResourceKey:
+        return ResourceKey("benchapp", "location", f"loc{index}")
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -55,7 +55,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _resources(services: Services) -> list[dict[str, object]]:
-    return services.admission.board.snapshot(services.tokens.cached_expiry)
+    return services.board.snapshot(services.tokens.cached_expiry)
 
 
 async def status_json(request: web.Request) -> web.Response:

@@ -2,16 +2,16 @@
 
 The limiter decides; this module applies the config to it (the numbers, the queue mode,
 shadow mode, the caller's `X-HoopAI-Max-Wait-Ms`), sleeps the wait, turns a refusal into
-a 429 with the upstream's headers, and hands the upstream's counts back to the limiter.
+a 429 (worded by `limit_answers`), records each decision in the metrics and the status
+board, and hands the upstream's counts back to the limiter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from multidict import CIMultiDictProxy
 
@@ -23,28 +23,16 @@ from proxy.headers import (
     UPSTREAM_DAILY_LIMIT,
     UPSTREAM_DAILY_REMAINING,
     Headers,
-    rate_limit_fields,
-    rate_limit_policy,
     upstream_remaining,
-    upstream_style_headers,
 )
-from proxy.limiter.base import Day, Decision, Limiter, LimitKey, Limits, UpstreamCounts
+from proxy.limit_answers import MAX_WAIT_HEADER, LimitAnswers, shadow_verdict
+from proxy.limiter.base import Day, Decision, Limiter, Limits, UpstreamCounts
 from proxy.limiter.days import day_at
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
+from proxy.typing import ResourceKey
 
 log = logging.getLogger(__name__)
-
-MAX_WAIT_HEADER = "X-HoopAI-Max-Wait-Ms"
-SHADOW_HEADER = "X-HoopAI-Shadow-Decision"
-
-
-def shadow_verdict(decision: Decision) -> str:
-    """What enforce mode would have done, e.g. `queue; wait_ms=1100; limit=burst`."""
-    wait_ms = round(decision.wait_s * 1000)
-    if decision.limited_by:
-        return f"reject; limit={decision.limited_by}; wait_ms={wait_ms}"
-    return f"queue; wait_ms={wait_ms}"
 
 
 def limits_from(config: LimitsConfig) -> Limits:
@@ -91,18 +79,19 @@ class Admission:
         limits: LimitsConfig,
         queue: QueueConfig,
         *,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
+        board: StatusBoard,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.limiter = limiter
-        self.metrics = metrics or Metrics()
-        self.board = StatusBoard(clock=wall_clock)
+        self._limiter = limiter
+        self._metrics = metrics
+        self._board = board
         self.limits = limits_from(limits)
         self.shadow = limits.mode == "shadow"
+        self.answers = LimitAnswers(self.limits, shadow=self.shadow)
         self._zone = limits.daily.zone
         self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
         self._wall_clock = wall_clock
-        self.policy = rate_limit_policy(self.limits)
 
     def today(self) -> Day:
         return day_at(self._wall_clock(), self._zone)
@@ -122,10 +111,10 @@ class Admission:
             return self._max_wait_s
         return min(self._max_wait_s, int(asked) / 1000)
 
-    async def admit(self, key: LimitKey, max_wait_s: float) -> Decision:
+    async def admit(self, key: ResourceKey, max_wait_s: float) -> Decision:
         """Wait for `key`'s next slot and return the decision, or raise RateLimited."""
         try:
-            decision = await self.limiter.acquire(
+            decision = await self._limiter.acquire(
                 key, self.limits, self.today(), max_wait_s, shadow=self.shadow
             )
         except LimiterUnavailable:
@@ -133,21 +122,21 @@ class Admission:
                 raise
             # Shadow mode never holds or refuses, not even when it cannot decide.
             log.warning("shadow: limiter unavailable, %s sent undecided", key.tag)
-            self.metrics.decisions.labels("undecided").inc()
+            self._metrics.decisions.labels("undecided").inc()
             return self._undecided()
         except TooManyKeys:
             # The limiter has logged the cap (once a minute, not once a request).
             if not self.shadow:
-                self.metrics.decisions.labels("refused_too_many_keys").inc()
+                self._metrics.decisions.labels("refused_too_many_keys").inc()
                 raise
-            self.metrics.decisions.labels("undecided").inc()
+            self._metrics.decisions.labels("undecided").inc()
             return self._undecided()
-        self.board.decided(key, decision)
-        self.metrics.decisions.labels(_outcome(decision, self.shadow)).inc()
+        self._board.decided(key, decision)
+        self._metrics.decisions.labels(_outcome(decision, self.shadow)).inc()
         if not decision.admitted:
             raise RateLimited(
-                self._refusal_message(key, decision, max_wait_s),
-                headers=self.refusal_headers(decision),
+                self.answers.refusal_message(key, decision, max_wait_s),
+                headers=self.answers.refusal_headers(decision),
             )
         if self.shadow:
             if decision.limited_by or decision.wait_s > 0:
@@ -157,21 +146,21 @@ class Admission:
             return decision
         if decision.wait_s > 0:
             await self._hold(key, decision.wait_s)
-        self.metrics.queue_seconds.observe(decision.wait_s)
+        self._metrics.queue_seconds.observe(decision.wait_s)
         return decision
 
-    async def _hold(self, key: LimitKey, wait_s: float) -> None:
+    async def _hold(self, key: ResourceKey, wait_s: float) -> None:
         """Sleep until the slot; cancelled here if the caller goes away (nothing is sent)."""
-        self.metrics.waiting.inc()
-        self.board.waiting(key, +1)
+        self._metrics.waiting.inc()
+        self._board.waiting(key, +1)
         try:
             await asyncio.sleep(wait_s)
         finally:
-            self.metrics.waiting.dec()
-            self.board.waiting(key, -1)
+            self._metrics.waiting.dec()
+            self._board.waiting(key, -1)
 
     async def observe(
-        self, key: LimitKey, status: int, headers: Headers, decision: Decision
+        self, key: ResourceKey, status: int, headers: Headers, decision: Decision
     ) -> None:
         """Tell the limiter what the upstream's answer says of the key's limits.
 
@@ -186,11 +175,11 @@ class Admission:
         daily = _on_our_scale(
             headers, UPSTREAM_DAILY_REMAINING, UPSTREAM_DAILY_LIMIT, self.limits.daily
         )
-        self.board.answered(key, headers)
+        self._board.answered(key, headers)
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.
             counts = UpstreamCounts(0, daily, pause=True)
-            await self.limiter.observe(key, self.limits, self.today(), counts)
+            await self._limiter.observe(key, self.limits, self.today(), counts)
         elif burst is not None or daily is not None:
             # Requests admitted just after this one may reach the upstream first; only a
             # shortfall beyond that reordering is news worth a round trip now.
@@ -199,7 +188,7 @@ class Admission:
                 daily is not None and daily < decision.daily_remaining - slack
             )
             counts = UpstreamCounts(burst, daily, at_once=surprising)
-            await self.limiter.observe(key, self.limits, self.today(), counts)
+            await self._limiter.observe(key, self.limits, self.today(), counts)
 
     def _undecided(self) -> Decision:
         day = self.today()
@@ -212,38 +201,4 @@ class Admission:
             burst_reset_s=0.0,
             daily_remaining=self.limits.daily,
             daily_reset_s=day.ends_in_s,
-        )
-
-    def answer_headers(self, decision: Decision, queued_s: float) -> Mapping[str, str]:
-        """Headers added to every forwarded answer: the proxy's view and the time held."""
-        headers = {
-            "X-HoopAI-Queue-Ms": str(round(queued_s * 1000)),
-            "RateLimit-Policy": self.policy,
-            "RateLimit": rate_limit_fields(decision),
-        }
-        if self.shadow and (decision.limited_by or decision.wait_s > 0):
-            headers[SHADOW_HEADER] = shadow_verdict(decision)
-        return headers
-
-    def refusal_headers(self, decision: Decision) -> dict[str, str]:
-        return {
-            "Retry-After": str(max(1, math.ceil(decision.retry_after_s))),
-            **upstream_style_headers(self.limits, decision),
-            "RateLimit-Policy": self.policy,
-            "RateLimit": rate_limit_fields(decision),
-        }
-
-    def _refusal_message(self, key: LimitKey, decision: Decision, max_wait_s: float) -> str:
-        resource = f"{key.kind} {key.id}"
-        if decision.limited_by == "daily":
-            return (
-                f"Daily limit of {self.limits.daily} requests reached for {resource}; "
-                f"it resets in {math.ceil(decision.retry_after_s)} s"
-            )
-        return (
-            f"Rate limit of {self.limits.burst} requests per {self.limits.window_s:g} s "
-            f"reached for {resource}: the next slot is in {decision.retry_after_s:.1f} s, "
-            f"longer than this request may wait ({round(max_wait_s * 1000)} ms). Retry after "
-            f"{max(1, math.ceil(decision.retry_after_s))} s, or allow a longer wait with "
-            f"{MAX_WAIT_HEADER}"
         )

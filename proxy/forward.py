@@ -34,13 +34,15 @@ from proxy.errors import BodyTooLarge, RateLimited, UpstreamTimeout, UpstreamUnr
 from proxy.headers import caller_response_headers, upstream_request_headers
 from proxy.limiter.base import Decision
 from proxy.logs import note_for_access_log
+from proxy.metrics import Metrics
 from proxy.resolve import RequestFacts, Resolver, Target
 from proxy.tokens.manager import TokenManager
+from proxy.typing import ResendReason
 
 log = logging.getLogger(__name__)
 
 # How many times each kind of answer may be sent again.
-RESENDS = {"rate_limited": 3, "invalid_jwt": 1, "command_timed_out": 1}
+RESENDS: dict[ResendReason, int] = {"rate_limited": 3, "invalid_jwt": 1, "command_timed_out": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +65,14 @@ class Forwarder:
         resolver: Resolver,
         admission: Admission,
         tokens: TokenManager,
+        metrics: Metrics,
     ) -> None:
         self._session = session
         self._config = config
         self._resolver = resolver
         self._admission = admission
         self._tokens = tokens
+        self._metrics = metrics
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -153,10 +157,10 @@ class Forwarder:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
             async with self._send(outgoing) as answer:
-                self._admission.metrics.upstream.labels(str(answer.status)).inc()
+                self._metrics.upstream.labels(str(answer.status)).inc()
                 await self._admission.observe(target.key, answer.status, answer.headers, decision)
                 queued_s = time.monotonic() - started
-                extra = self._admission.answer_headers(decision, queued_s)
+                extra = self._admission.answers.answer_headers(decision, queued_s)
                 note_for_access_log(
                     request, queue_ms=round(queued_s * 1000), upstream_status=answer.status
                 )
@@ -171,7 +175,7 @@ class Forwarder:
             ):
                 return self._final_answer(answer, body, extra, reason)
             resent[reason] += 1
-            self._admission.metrics.resends.labels(reason).inc()
+            self._metrics.resends.labels(reason).inc()
             if reason == "invalid_jwt":
                 used = outgoing.headers["Authorization"].removeprefix("Bearer ")
                 await self._use_managed_token(outgoing, target, used=used)
@@ -199,7 +203,7 @@ class Forwarder:
         """Worth reading the answer to decide: a 401 or 429 to a request we can send again."""
         return answer.status in (401, 429) and outgoing.body.replayable
 
-    def _applies(self, reason: str, target: Target) -> bool:
+    def _applies(self, reason: ResendReason, target: Target) -> bool:
         if reason == "rate_limited":
             return not self._admission.shadow  # shadow mode never holds a request
         if reason == "invalid_jwt":
@@ -211,7 +215,7 @@ class Forwarder:
         answer: aiohttp.ClientResponse,
         body: bytes,
         extra: Mapping[str, str],
-        reason: str | None,
+        reason: ResendReason | None,
     ) -> web.StreamResponse:
         if reason == "command_timed_out":
             raise UpstreamTimeout("The upstream timed out (401 Command timed out) twice")
@@ -246,7 +250,7 @@ class Forwarder:
             ) from exc
 
 
-def resend_reason(status: int, body: bytes) -> str | None:
+def resend_reason(status: int, body: bytes) -> ResendReason | None:
     """Why an answer may be sent again, or None: `rate_limited`, `invalid_jwt`,
     `command_timed_out` (the two 401s are told apart by the upstream's message)."""
     if status == 429:

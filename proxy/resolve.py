@@ -27,7 +27,7 @@ from proxy.errors import (
     ResourceUnresolved,
 )
 from proxy.jwt import jwt_claims
-from proxy.limiter.base import LimitKey
+from proxy.typing import ResourceKey, ResourceKind
 
 LOCATION_HEADER = "X-HoopAI-Location-Id"
 COMPANY_HEADER = "X-HoopAI-Company-Id"
@@ -39,7 +39,9 @@ _ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 # The limit key of private integration (pit-) tokens: they belong to no marketplace app.
 PRIVATE_INTEGRATION = "private-integration"
 _LOCATIONS_PATH = re.compile(r"^/locations/([^/?]+)")
-_AUTH_CLASSES = {"Location": "location", "Company": "company"}
+_AUTH_CLASSES: dict[str, ResourceKind] = {"Location": "location", "Company": "company"}
+# A resource a request names: (kind, id).
+Named = tuple[ResourceKind, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +50,14 @@ class Target:
 
     app_id: str
     app: AppConfig | None  # the configured app; None for a pass-through token of another app
-    kind: str  # "location" | "company"
+    kind: ResourceKind
     id: str
     caller: str | None  # the caller's name when caller keys are configured
     passthrough_token: str | None  # the caller's own HighLevel token, sent upstream as is
 
     @property
-    def key(self) -> LimitKey:
-        return LimitKey(self.app_id, self.kind, self.id)
+    def key(self) -> ResourceKey:
+        return ResourceKey(self.app_id, self.kind, self.id)
 
     @property
     def resource(self) -> str:
@@ -154,9 +156,7 @@ class Resolver:
             )
         return self._apps[name]
 
-    def _token_target(
-        self, facts: RequestFacts, claims: dict[str, Any]
-    ) -> tuple[AppConfig, tuple[str, str]]:
+    def _token_target(self, facts: RequestFacts, claims: dict[str, Any]) -> tuple[AppConfig, Named]:
         """The app and resource a caller's own HighLevel token is for.
 
         The upstream counts a request against the resource of the token that carries it,
@@ -199,7 +199,7 @@ class Resolver:
             )
         return app
 
-    def _resource(self, facts: RequestFacts) -> tuple[str, str]:
+    def _resource(self, facts: RequestFacts) -> Named:
         """The first rule that names a resource; later rules are not even looked at."""
         for _, found in _named_resources(facts):
             return found
@@ -212,7 +212,7 @@ class Resolver:
         )
 
 
-def _named_resources(facts: RequestFacts) -> Iterator[tuple[str, tuple[str, str]]]:
+def _named_resources(facts: RequestFacts) -> Iterator[tuple[str, Named]]:
     """(source, (kind, id)) for each rule that names a resource, in the order they win;
     each rule is evaluated only when the one before it has been passed."""
     if (found := _from_headers(facts.headers)) is not None:
@@ -225,7 +225,7 @@ def _named_resources(facts: RequestFacts) -> Iterator[tuple[str, tuple[str, str]
         yield "JSON body", found
 
 
-def _conflicts(own: tuple[str, str], named: tuple[str, str], source: str) -> bool:
+def _conflicts(own: Named, named: Named, source: str) -> bool:
     """Does `named` contradict the token's own resource? A header states the limit key
     itself, so any other resource there does; elsewhere only the same kind does (an
     agency token may well name a location in the query)."""
@@ -234,7 +234,7 @@ def _conflicts(own: tuple[str, str], named: tuple[str, str], source: str) -> boo
     return source == "header" or named[0] == own[0]
 
 
-def _from_headers(headers: CIMultiDictProxy[str]) -> tuple[str, str] | None:
+def _from_headers(headers: CIMultiDictProxy[str]) -> Named | None:
     if LOCATION_HEADER in headers:
         return "location", headers[LOCATION_HEADER]
     if COMPANY_HEADER in headers:
@@ -242,7 +242,7 @@ def _from_headers(headers: CIMultiDictProxy[str]) -> tuple[str, str] | None:
     return None
 
 
-def _from_claims(claims: dict[str, Any] | None) -> tuple[str, str] | None:
+def _from_claims(claims: dict[str, Any] | None) -> Named | None:
     if claims is None:
         return None
     kind = _AUTH_CLASSES.get(str(claims.get("authClass")))
@@ -252,22 +252,26 @@ def _from_claims(claims: dict[str, Any] | None) -> tuple[str, str] | None:
     return kind, resource_id
 
 
-def _from_mapping(values: Any) -> tuple[str, str] | None:
-    for field, kind in (("locationId", "location"), ("companyId", "company")):
+def _from_mapping(values: Any) -> Named | None:
+    fields: tuple[tuple[str, ResourceKind], ...] = (
+        ("locationId", "location"),
+        ("companyId", "company"),
+    )
+    for field, kind in fields:
         value = values.get(field)
         if isinstance(value, str) and value:
             return kind, value
     return None
 
 
-def _from_path(path: str) -> tuple[str, str] | None:
+def _from_path(path: str) -> Named | None:
     found = _LOCATIONS_PATH.match(path)
     if found is None or found.group(1) in ("search", "timezones"):
         return None
     return "location", found.group(1)
 
 
-def _from_json(body: bytes | None) -> tuple[str, str] | None:
+def _from_json(body: bytes | None) -> Named | None:
     if not body:
         return None
     try:
@@ -283,11 +287,12 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _split_resource(resource: str) -> tuple[str, str] | None:
+def _split_resource(resource: str) -> Named | None:
     if not resource:
         return None
     kind, _, resource_id = resource.partition(":")
-    return kind, resource_id
+    # The config loader admitted only "location:<id>" or "company:<id>".
+    return ("location" if kind == "location" else "company"), resource_id
 
 
 def _app_id_from_claims(claims: dict[str, Any]) -> str | None:
@@ -298,7 +303,7 @@ def _app_id_from_claims(claims: dict[str, Any]) -> str | None:
     return source.split("-", 1)[0] if isinstance(source, str) else None
 
 
-def _check_id(resource_id: str, kind: str) -> None:
+def _check_id(resource_id: str, kind: ResourceKind) -> None:
     if not _ID.fullmatch(resource_id):
         raise BadRequest(
             f"The {kind} id must be 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-'"
@@ -311,7 +316,7 @@ def _check_app_allowed(caller: CallerConfig, app: AppConfig | None) -> None:
     raise ResourceForbidden(f"Caller {caller.name!r} may not use app {app.name!r}")
 
 
-def _check_allowed(caller: CallerConfig, kind: str, resource_id: str) -> None:
+def _check_allowed(caller: CallerConfig, kind: ResourceKind, resource_id: str) -> None:
     wanted = f"{kind}:{resource_id}"
     if any(rule in ("*", f"{kind}:*", wanted) for rule in caller.allow):
         return

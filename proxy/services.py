@@ -33,6 +33,7 @@ from proxy.limiter.redis import RedisLimiter
 from proxy.metrics import Metrics
 from proxy.redis_client import connect_redis
 from proxy.resolve import Resolver
+from proxy.status import StatusBoard
 from proxy.tokens.deliveries import WebhookReceiver
 from proxy.tokens.install import InstallFlow
 from proxy.tokens.keepalive import KeepAlive
@@ -58,6 +59,7 @@ class Services:
     oauth: OAuthClient
     tokens: TokenManager
     admission: Admission
+    board: StatusBoard
     forwarder: Forwarder
     install: InstallFlow
     webhooks: WebhookReceiver
@@ -102,8 +104,9 @@ async def open_services(
         )
         # Refreshes under way may hold the only live pair: let them finish first.
         stack.push_async_callback(tokens.aclose, config.tokens.refresh_lock_ttl_s)
+        board = StatusBoard(clock=clock)
         admission = Admission(
-            limiter, config.limits, config.queue, metrics=metrics, wall_clock=clock
+            limiter, config.limits, config.queue, metrics=metrics, board=board, wall_clock=clock
         )
         services = Services(
             config=config,
@@ -115,7 +118,8 @@ async def open_services(
             oauth=oauth,
             tokens=tokens,
             admission=admission,
-            forwarder=Forwarder(session, config, Resolver(config), admission, tokens),
+            board=board,
+            forwarder=Forwarder(session, config, Resolver(config), admission, tokens, metrics),
             install=InstallFlow(_by_name(config), config.tokens, oauth, tokens),
             webhooks=_webhook_receiver(config, tokens, store, clock),
         )

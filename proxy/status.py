@@ -15,7 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
-from proxy.limiter.base import Decision, LimitKey
+from proxy.limiter.base import Decision
+from proxy.typing import ResourceKey, ResourceKind
 
 CAPACITY = 10_000
 UPSTREAM_PREFIX = "x-ratelimit-"
@@ -26,7 +27,7 @@ class ResourceView:
     """The local view of one resource."""
 
     app: str
-    kind: str
+    kind: ResourceKind
     id: str
     burst_remaining: int = 0
     daily_remaining: int = 0
@@ -41,11 +42,11 @@ class StatusBoard:
     """Resource views, most recently seen last, at most `capacity` of them."""
 
     def __init__(self, capacity: int = CAPACITY, clock: Callable[[], float] = time.time) -> None:
-        self._views: OrderedDict[LimitKey, ResourceView] = OrderedDict()
+        self._views: OrderedDict[ResourceKey, ResourceView] = OrderedDict()
         self._capacity = capacity
         self._clock = clock
 
-    def _view(self, key: LimitKey) -> ResourceView:
+    def _view(self, key: ResourceKey) -> ResourceView:
         view = self._views.get(key)
         if view is None:
             view = self._views[key] = ResourceView(key.app, key.kind, key.id)
@@ -55,15 +56,15 @@ class StatusBoard:
         view.last_seen = self._clock()
         return view
 
-    def decided(self, key: LimitKey, decision: Decision) -> None:
+    def decided(self, key: ResourceKey, decision: Decision) -> None:
         view = self._view(key)
         view.burst_remaining = decision.burst_remaining
         view.daily_remaining = decision.daily_remaining
 
-    def waiting(self, key: LimitKey, delta: int) -> None:
+    def waiting(self, key: ResourceKey, delta: int) -> None:
         self._view(key).waiting += delta
 
-    def answered(self, key: LimitKey, headers: Mapping[str, str]) -> None:
+    def answered(self, key: ResourceKey, headers: Mapping[str, str]) -> None:
         """Keep the upstream's rate-limit headers (an answer without any, such as a 401
         given before the upstream counted the request, leaves the last ones)."""
         upstream = tuple(
@@ -76,12 +77,12 @@ class StatusBoard:
             view.upstream = upstream
 
     def snapshot(
-        self, token_expiry: Callable[[tuple[str, str, str]], float | None]
+        self, token_expiry: Callable[[ResourceKey], float | None]
     ) -> list[dict[str, object]]:
         """Every view as plain data, most recent first, with the cached token expiry."""
         rows = []
         for key, view in reversed(self._views.items()):
-            view.token_expires_at = token_expiry((key.app, key.kind, key.id))
+            view.token_expires_at = token_expiry(key)
             row = asdict(view)
             row["upstream"] = dict(view.upstream)
             rows.append(row)

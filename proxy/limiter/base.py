@@ -10,25 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.typing import LimitedBy, ResourceKey
+
 # Keys one process tracks at most unless `limits.max_tracked_keys` says otherwise.
 DEFAULT_MAX_KEYS = 100_000
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class LimitKey:
-    """Who is limited: one Marketplace app for one Location or Company.
-
-    Ordered only so that (time, key) pairs sort without a tie-breaker (memory.py's heap).
-    """
-
-    app: str
-    kind: str  # "location" | "company"
-    id: str
-
-    @property
-    def tag(self) -> str:
-        """`app:kind:id`; in Redis it is the hash tag that keeps a key's state in one slot."""
-        return f"{self.app}:{self.kind}:{self.id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +55,7 @@ class Decision:
     admitted: bool
     wait_s: float
     retry_after_s: float
-    limited_by: str  # "" | "burst" | "daily"
+    limited_by: LimitedBy
     burst_remaining: int
     burst_reset_s: float
     daily_remaining: int
@@ -93,7 +78,7 @@ class Limiter(Protocol):
     """Shared state for all replicas (Redis) or one process (memory)."""
 
     async def acquire(
-        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         """Reserve the earliest slot for `key`, or refuse if it is more than `max_wait_s` away.
 
@@ -104,7 +89,7 @@ class Limiter(Protocol):
 
     async def observe(
         self,
-        key: LimitKey,
+        key: ResourceKey,
         limits: Limits,
         day: Day,
         counts: UpstreamCounts,

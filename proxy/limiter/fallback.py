@@ -13,16 +13,9 @@ import time
 from collections.abc import Callable
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import (
-    DEFAULT_MAX_KEYS,
-    Day,
-    Decision,
-    Limiter,
-    LimitKey,
-    Limits,
-    UpstreamCounts,
-)
+from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limiter, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
+from proxy.typing import ResourceKey
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +51,7 @@ class FallbackLimiter:
         return self._down_until is not None
 
     async def acquire(
-        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         if not self._skip_shared():
             try:
@@ -79,7 +72,7 @@ class FallbackLimiter:
 
     async def observe(
         self,
-        key: LimitKey,
+        key: ResourceKey,
         limits: Limits,
         day: Day,
         counts: UpstreamCounts,

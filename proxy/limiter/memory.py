@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 from proxy.errors import TooManyKeys
 from proxy.limiter import slots
-from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, LimitKey, Limits, UpstreamCounts
+from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limits, UpstreamCounts
+from proxy.typing import ResourceKey
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,12 @@ class DailyCounts:
         self._counts = {}
         return True
 
-    def put(self, key: LimitKey, day_id: str, count: int) -> None:
+    def put(self, key: ResourceKey, day_id: str, count: int) -> None:
         """Keep `count` if it is today's and not zero (zero is what a missing key means)."""
         if day_id == self.day_id and count > 0:
             self._counts[_digest(key)] = count
 
-    def pop(self, key: LimitKey) -> int | None:
+    def pop(self, key: ResourceKey) -> int | None:
         """The key's count, removed from here; None when none is kept."""
         if not self._counts:
             return None
@@ -73,7 +74,7 @@ class DailyCounts:
         self._counts = {}
 
 
-def _digest(key: LimitKey) -> int:
+def _digest(key: ResourceKey) -> int:
     name = f"{key.app}\0{key.kind}\0{key.id}".encode("utf-8", "surrogatepass")
     # As an int: 16 bytes less than the same 128 bits as a bytes object.
     return int.from_bytes(hashlib.blake2b(name, digest_size=16).digest())
@@ -90,15 +91,15 @@ class MemoryLimiter:
             raise ValueError("max_keys must be at least 1")
         self._clock = clock
         self._max_keys = max_keys
-        self._live: dict[LimitKey, slots.KeyState] = {}
+        self._live: dict[ResourceKey, slots.KeyState] = {}
         # One entry per live key: (a time no later than the end of its window, key).
-        self._ends: list[tuple[float, LimitKey]] = []
+        self._ends: list[tuple[float, ResourceKey]] = []
         self._counts = DailyCounts()
         self._warned_at: float | None = None
         self._refused = 0  # new keys refused since the last warning
 
     async def acquire(
-        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         now = self._clock()
         state = self._state(key, limits, day, now)
@@ -108,7 +109,7 @@ class MemoryLimiter:
 
     async def observe(
         self,
-        key: LimitKey,
+        key: ResourceKey,
         limits: Limits,
         day: Day,
         counts: UpstreamCounts,
@@ -135,7 +136,9 @@ class MemoryLimiter:
         """Keys held in full or as a compact daily count: what `max_keys` caps."""
         return len(self._live) + len(self._counts)
 
-    def _state(self, key: LimitKey, limits: Limits, day: Day, now: float) -> slots.KeyState | None:
+    def _state(
+        self, key: ResourceKey, limits: Limits, day: Day, now: float
+    ) -> slots.KeyState | None:
         """The key's full state, made from its compact count if it has one; None for a
         new key when the cap is reached even after compacting every idle key."""
         # A new day makes every idle key's count worthless at once: drop them all.
@@ -171,7 +174,7 @@ class MemoryLimiter:
             del self._live[key]
             self._counts.put(key, state.day_id, state.day_count)
 
-    def _too_many(self, key: LimitKey, day: Day, now: float) -> TooManyKeys:
+    def _too_many(self, key: ResourceKey, day: Day, now: float) -> TooManyKeys:
         """The refusal of a new key at the cap, and a warning at most every WARN_EVERY_S."""
         self._refused += 1
         if self._warned_at is None or now - self._warned_at >= WARN_EVERY_S:

@@ -24,21 +24,22 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, LimitKey, Limits, UpstreamCounts
+from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limits, UpstreamCounts
+from proxy.typing import LimitedBy, ResourceKey
 
 US = 1_000_000
 KEY_PREFIX = "hoopai:limit"
 NOT_SEEN = -1
 
 
-def redis_keys(key: LimitKey, day: Day) -> list[str]:
+def redis_keys(key: ResourceKey, day: Day) -> list[str]:
     """The slots list and today's counter of `key`, sharing one cluster hash slot."""
     base = f"{KEY_PREFIX}:{{{key.tag}}}"
     return [f"{base}:burst", f"{base}:day:{day.id}"]
@@ -73,10 +74,10 @@ class RedisLimiter:
         self._clock = clock
         self._max_keys = max_keys
         # In the order they were said (a newer count for a key moves it to the end).
-        self._seen: OrderedDict[LimitKey, _Seen] = OrderedDict()
+        self._seen: OrderedDict[ResourceKey, _Seen] = OrderedDict()
 
     async def acquire(
-        self, key: LimitKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         seen = self._seen.pop(key, None)
         reply = await self._call("acquire", key, limits, day, max_wait_s, shadow, seen)
@@ -85,7 +86,7 @@ class RedisLimiter:
             admitted=bool(admitted),
             wait_s=int(wait) / US,
             retry_after_s=int(retry_after) / US,
-            limited_by=limited_by.decode() if isinstance(limited_by, bytes) else str(limited_by),
+            limited_by=_limited_by(limited_by),
             burst_remaining=int(remaining),
             burst_reset_s=int(reset) / US,
             daily_remaining=int(daily_remaining),
@@ -94,7 +95,7 @@ class RedisLimiter:
 
     async def observe(
         self,
-        key: LimitKey,
+        key: ResourceKey,
         limits: Limits,
         day: Day,
         counts: UpstreamCounts,
@@ -131,7 +132,7 @@ class RedisLimiter:
     async def _call(
         self,
         op: str,
-        key: LimitKey,
+        key: ResourceKey,
         limits: Limits,
         day: Day,
         max_wait_s: float,
@@ -160,6 +161,14 @@ class RedisLimiter:
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.monotonic()
+
+
+def _limited_by(raw: object) -> LimitedBy:
+    """The script's `limited_by` reply as the limiter's word for it."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if text not in ("", "burst", "daily"):
+        raise LimiterUnavailable(f"the limiter script answered an unknown limit {text[:20]!r}")
+    return cast(LimitedBy, text)
 
 
 def _or_not_seen(remaining: int | None) -> int:

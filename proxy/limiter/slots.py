@@ -14,6 +14,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from proxy.limiter.base import Day, Decision, Limits, UpstreamCounts
+from proxy.typing import LimitedBy
 
 
 @dataclass(slots=True)
@@ -72,14 +73,19 @@ def decide(
     )
 
 
-def _would_limit(state: KeyState, limits: Limits, wait: float, max_wait_s: float) -> str:
+def _would_limit(state: KeyState, limits: Limits, wait: float, max_wait_s: float) -> LimitedBy:
     if state.day_count > limits.daily:
         return "daily"
     return "burst" if wait > max_wait_s else ""
 
 
 def refusal(
-    state: KeyState, limits: Limits, day: Day, now: float, limited_by: str, retry_after: float
+    state: KeyState,
+    limits: Limits,
+    day: Day,
+    now: float,
+    limited_by: LimitedBy,
+    retry_after: float,
 ) -> Decision:
     remaining, reset = burst_view(state.slots, limits, now)
     return Decision(

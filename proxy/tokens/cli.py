@@ -40,6 +40,7 @@ from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import OAuthClient
 from proxy.tokens.sealing import Sealer, reencrypt
 from proxy.tokens.store import TokenRecord
+from proxy.typing import ResourceKind
 
 DAY_S = 86400.0
 USER_TYPES = {"location": "Location", "company": "Company"}
@@ -298,7 +299,7 @@ def _app(config: Config, name: str | None) -> AppConfig:
     raise CommandRefused(f"--app: {said}; the config has: {known}", usage=True)
 
 
-def _resource(args: argparse.Namespace) -> tuple[str, str]:
+def _resource(args: argparse.Namespace) -> tuple[ResourceKind, str]:
     return ("location", args.location) if args.location else ("company", args.company)
 
 

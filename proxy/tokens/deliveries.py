@@ -31,6 +31,7 @@ from proxy.tokens.webhooks import (
     require_webhook_id,
     verify_signature,
 )
+from proxy.typing import ResourceKey, ResourceKind
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class WebhookReceiver:
             )
         if event.type == INSTALL and event.install_type == "Location" and event.location_id:
             # A location minting failed for before may be approved now.
-            self._manager.forget((app.app_id, "location", event.location_id))
+            self._manager.forget(ResourceKey(app.app_id, "location", event.location_id))
             try:
                 await self._manager.access_token(app, "location", event.location_id)
             except NoToken:
@@ -102,7 +103,7 @@ class WebhookReceiver:
         return "nothing to do"
 
 
-def _resource_of(event: WebhookEvent) -> tuple[str, str]:
+def _resource_of(event: WebhookEvent) -> tuple[ResourceKind, str]:
     if event.location_id:
         return "location", event.location_id
     return "company", event.company_id or ""

@@ -43,10 +43,10 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.tokens.oauth import OAuthClient, TokenGrant
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
+from proxy.typing import ResourceKey, ResourceKind
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str, str]
 WAIT_POLL_S = 0.05
 LOCK_MARGIN_S = 1.0  # kept between the last possible answer and the lock's expiry
 STORE_ATTEMPTS = 3
@@ -72,21 +72,21 @@ class TokenManager:
         """`attempt_s` is the longest one token endpoint call can take."""
         self._store = store
         self._attempt_s = attempt_s
-        self._holding: set[Key] = set()  # keys whose refresh lock this process holds
+        self._holding: set[ResourceKey] = set()  # keys whose refresh lock this process holds
         self._metrics = metrics or Metrics()
         self._oauth = oauth
         self._config = config
         self._clock = clock
-        self._cache: dict[Key, TokenRecord] = {}
-        self._inflight: dict[Key, asyncio.Task[TokenRecord]] = {}
+        self._cache: dict[ResourceKey, TokenRecord] = {}
+        self._inflight: dict[ResourceKey, asyncio.Task[TokenRecord]] = {}
         # (app id, location id) -> until when minting for it is known to fail
         self._missing: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     # -- what the request path calls -----------------------------------------------------
 
-    async def access_token(self, app: AppConfig, kind: str, resource_id: str) -> str:
+    async def access_token(self, app: AppConfig, kind: ResourceKind, resource_id: str) -> str:
         """A valid access token for the resource, refreshed or minted if need be."""
-        key = (app.app_id, kind, resource_id)
+        key = ResourceKey(app.app_id, kind, resource_id)
         cached = self._cache.get(key)
         if cached is not None and self._fresh(cached):
             return cached.access_token
@@ -96,11 +96,11 @@ class TokenManager:
         return record.access_token
 
     async def after_invalid_jwt(
-        self, app: AppConfig, kind: str, resource_id: str, used_token: str
+        self, app: AppConfig, kind: ResourceKind, resource_id: str, used_token: str
     ) -> str:
         """The upstream said `Invalid JWT` to `used_token`: a newer token, refreshed if the
         stored one is still the one that failed."""
-        key = (app.app_id, kind, resource_id)
+        key = ResourceKey(app.app_id, kind, resource_id)
         self._cache.pop(key, None)
         record = await self._current(app, key)
         if record.access_token != used_token and self._fresh(record):
@@ -125,9 +125,9 @@ class TokenManager:
         log.info("installed token %s (version %d)", stored.tag, stored.version)
         return stored
 
-    async def uninstall(self, app_id: str, kind: str, resource_id: str) -> bool:
+    async def uninstall(self, app_id: str, kind: ResourceKind, resource_id: str) -> bool:
         """Delete the record of an uninstalled app: its tokens are dead upstream."""
-        self.forget((app_id, kind, resource_id))
+        self.forget(ResourceKey(app_id, kind, resource_id))
         return await self._store.delete(app_id, kind, resource_id)
 
     async def aclose(self, timeout_s: float) -> None:
@@ -141,36 +141,38 @@ class TokenManager:
             log.info("waiting for %d token refresh(es) to finish", len(holding))
             await asyncio.wait(holding, timeout=timeout_s)
 
-    def cached_access_token(self, app: AppConfig, kind: str, resource_id: str) -> str | None:
+    def cached_access_token(
+        self, app: AppConfig, kind: ResourceKind, resource_id: str
+    ) -> str | None:
         """The cached access token if it is fresh, without any I/O (safe between a slot
         and its send)."""
-        cached = self._cache.get((app.app_id, kind, resource_id))
+        cached = self._cache.get(ResourceKey(app.app_id, kind, resource_id))
         return cached.access_token if cached is not None and self._fresh(cached) else None
 
-    def cached_expiry(self, key: Key) -> float | None:
+    def cached_expiry(self, key: ResourceKey) -> float | None:
         """When the cached access token of `key` expires, if one is cached."""
         record = self._cache.get(key)
         return record.expires_at if record is not None else None
 
-    def forget(self, key: Key) -> None:
+    def forget(self, key: ResourceKey) -> None:
         """Drop what is cached about `key` (after an uninstall, a reinstall, or an INSTALL
         delivery): its record, and that nothing could be minted for it."""
         self._cache.pop(key, None)
-        self._missing.pop((key[0], key[2]), None)
+        self._missing.pop((key.app, key.id), None)
 
     # -- internals ------------------------------------------------------------------------
 
     def _fresh(self, record: TokenRecord) -> bool:
         return record.expires_at - self._clock() > self._config.refresh_skew_s
 
-    async def _current(self, app: AppConfig, key: Key) -> TokenRecord:
+    async def _current(self, app: AppConfig, key: ResourceKey) -> TokenRecord:
         """The stored record (minting a Location token if need be); never a dead one."""
-        record = await self._store.get(*key)
-        if record is None and key[1] == "location":
-            record = await self._single_flight(key, lambda: self._mint(app, key[2]))
+        record = await self._store.get(key.app, key.kind, key.id)
+        if record is None and key.kind == "location":
+            record = await self._single_flight(key, lambda: self._mint(app, key.id))
         if record is None:
             raise NoToken(
-                f"No token is installed for {key[1]} {key[2]} of app {app.name!r}: install the "
+                f"No token is installed for {key.kind} {key.id} of app {app.name!r}: install the "
                 f"app there (open /_proxy/oauth/start?app={app.name}) or import a refresh "
                 "token with `hoopai-proxy tokens add`"
             )
@@ -180,7 +182,7 @@ class TokenManager:
         return record
 
     async def _single_flight(
-        self, key: Key, work: Callable[[], Awaitable[TokenRecord]]
+        self, key: ResourceKey, work: Callable[[], Awaitable[TokenRecord]]
     ) -> TokenRecord:
         """One task per key in this process; callers share it. A caller that goes away
         does not cancel it (shield): the others still need its result."""
@@ -208,7 +210,7 @@ class TokenManager:
         deadline = self._clock() + self._config.refresh_lock_ttl_s * 2
         name = f"refresh:{stale.tag}"
         while True:
-            current = await self._store.get(*stale.key)
+            current = await self._store.get(stale.app, stale.kind, stale.id)
             if current is None:
                 raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
             _refuse_dead(current, app)
@@ -240,7 +242,7 @@ class TokenManager:
     async def _refresh_holding_lock(
         self, app: AppConfig, stale: TokenRecord, locked_at: float
     ) -> TokenRecord:
-        current = await self._store.get(*stale.key)
+        current = await self._store.get(stale.app, stale.kind, stale.id)
         if current is None:
             raise NoToken(f"The token for {stale.kind} {stale.id} was deleted")
         if current.version != stale.version:
@@ -303,7 +305,7 @@ class TokenManager:
                     log.error("could not store the new pair of %s: it is lost", current.tag)
                     raise
                 await asyncio.sleep(0.2)
-        latest = await self._store.get(*current.key)
+        latest = await self._store.get(current.app, current.kind, current.id)
         if latest is None:
             raise NoToken(f"The token for {current.kind} {current.id} was deleted")
         if latest.refresh_token == fresh.refresh_token:
@@ -319,7 +321,7 @@ class TokenManager:
         return latest
 
     async def _mark_dead(self, app: AppConfig, failed: TokenRecord, reason: str) -> TokenRecord:
-        latest = await self._store.get(*failed.key)
+        latest = await self._store.get(failed.app, failed.kind, failed.id)
         if latest is not None and latest.refresh_token != failed.refresh_token:
             _refuse_dead(latest, app)
             return latest  # another replica won the rotation; its pair is live

@@ -28,6 +28,7 @@ from proxy.errors import (
     TokenUnavailable,
 )
 from proxy.tokens.store import OK, TokenRecord
+from proxy.typing import ResourceKind
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class TokenGrant:
     approved_locations: tuple[str, ...]
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> ResourceKind:
         return "company" if self.user_type == "Company" else "location"
 
     @property

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from proxy.errors import TokenStoreUnavailable
 from proxy.tokens.sealing import Sealer
 from proxy.tokens.store import TokenRecord
+from proxy.typing import resource_kind, token_status
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def _decode(stored: Mapping[Any, Any]) -> TokenRecord:
     fields = {_text(name): _text(value) for name, value in stored.items()}
     return TokenRecord(
         app=fields["app"],
-        kind=fields["kind"],
+        kind=resource_kind(fields["kind"]),
         id=fields["id"],
         access_token=fields["access_token"],
         refresh_token=fields["refresh_token"],
@@ -235,7 +236,7 @@ def _decode(stored: Mapping[Any, Any]) -> TokenRecord:
         user_id=fields["user_id"],
         approved_locations=tuple(json.loads(fields["approved_locations"])),
         version=int(fields["version"]),
-        status=fields["status"],
+        status=token_status(fields["status"]),
     )
 
 

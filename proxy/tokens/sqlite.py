@@ -35,6 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 from proxy.errors import TokenStoreUnavailable
 from proxy.tokens.sealing import Sealer
 from proxy.tokens.store import TokenRecord
+from proxy.typing import resource_kind, token_status
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +328,9 @@ def _tighten_sidecars(path: Path) -> None:
 
 
 def _stored_version(db: sqlite3.Connection, record: TokenRecord) -> int:
-    found = db.execute(f"SELECT version FROM tokens {WHERE_KEY}", record.key).fetchone()
+    found = db.execute(
+        f"SELECT version FROM tokens {WHERE_KEY}", (record.app, record.kind, record.id)
+    ).fetchone()
     return 0 if found is None else int(found[0])
 
 
@@ -374,7 +377,7 @@ def _decode(row: Sequence[Any]) -> TokenRecord:
     ) = row
     return TokenRecord(
         app=app,
-        kind=kind,
+        kind=resource_kind(kind),
         id=id,
         access_token=access,
         refresh_token=refresh,
@@ -387,7 +390,7 @@ def _decode(row: Sequence[Any]) -> TokenRecord:
         user_id=user,
         approved_locations=tuple(json.loads(approved)),
         version=int(version),
-        status=status,
+        status=token_status(status),
     )
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-OK = "ok"
-NEEDS_REAUTH = "needs_reauth"
+from proxy.typing import ResourceKey, ResourceKind, TokenStatus
+
+OK: TokenStatus = "ok"
+NEEDS_REAUTH: TokenStatus = "needs_reauth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +23,7 @@ class TokenRecord:
     """The tokens of one app for one Location or Company, and what is known of them."""
 
     app: str  # the marketplace app id (client_id before its first '-')
-    kind: str  # "location" | "company"
+    kind: ResourceKind
     id: str
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)  # "" for a minted location token without one
@@ -34,11 +36,11 @@ class TokenRecord:
     user_id: str = ""
     approved_locations: tuple[str, ...] = ()  # Company installs: where it may mint
     version: int = 1  # 1 for a new record; every replacement adds one
-    status: str = OK  # OK | NEEDS_REAUTH
+    status: TokenStatus = OK
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.app, self.kind, self.id)
+    def key(self) -> ResourceKey:
+        return ResourceKey(self.app, self.kind, self.id)
 
     @property
     def tag(self) -> str:

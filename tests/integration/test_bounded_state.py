@@ -20,10 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.errors import TooManyKeys
-from proxy.limiter.base import Day, LimitKey, UpstreamCounts
+from proxy.http_errors import status_and_code
+from proxy.limiter.base import Day, UpstreamCounts
 from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.typing import ResourceKey
 from tests.support.limiters import SMALL, TODAY, ManualClock
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import SIM_CLIENT_ID, bearer
@@ -35,8 +37,8 @@ TOMORROW = Day(id="2027-01-16", ends_in_s=86_400.0)
 CAP_WARNING = "limits.max_tracked_keys"
 
 
-def key(index: int) -> LimitKey:
-    return LimitKey(APP, "location", f"boundedLoc{index:06d}")
+def key(index: int) -> ResourceKey:
+    return ResourceKey(APP, "location", f"boundedLoc{index:06d}")
 
 
 def traced() -> int:
@@ -103,7 +105,7 @@ async def test_new_key_past_the_cap_is_refused_with_one_warning(
     for index in range(100, 1100):
         with pytest.raises(TooManyKeys) as raised:
             await limiter.acquire(key(index), SMALL, TODAY, 30)
-    assert (raised.value.status, raised.value.code) == (503, "too_many_keys")
+    assert status_and_code(raised.value) == (503, "too_many_keys")
     assert "100" in raised.value.message and CAP_WARNING in raised.value.message
     assert int(raised.value.headers["Retry-After"]) >= 1
     assert (await limiter.acquire(key(7), SMALL, TODAY, 30)).admitted

@@ -9,11 +9,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.config import StoreConfig
+from proxy.admission import Admission
+from proxy.config import LimitsConfig, QueueConfig, StoreConfig
 from proxy.errors import LimiterUnavailable
+from proxy.http_errors import status_and_code
 from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.metrics import Metrics
 from proxy.redis_client import open_redis
+from proxy.status import StatusBoard
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
 from tests.support.redis_server import RedisServer
 
@@ -53,7 +57,7 @@ async def test_reject_while_down(redis_server: RedisServer, client) -> None:
     redis_server.stop(kill=True)
     with pytest.raises(LimiterUnavailable) as raised:
         await limiter.acquire(KEY, SMALL, TODAY, 0)
-    assert raised.value.status == 503
+    assert status_and_code(raised.value) == (503, "limiter_unavailable")
     assert "on_redis_error" in raised.value.message
 
 
@@ -61,11 +65,14 @@ async def test_shadow_mode_sends_even_when_it_cannot_decide(
     redis_server: RedisServer, client
 ) -> None:
     """Shadow mode with on_redis_error reject and Redis down: admitted, never a 503."""
-    from proxy.admission import Admission
-    from proxy.config import LimitsConfig, QueueConfig
-
     limiter = FallbackLimiter(RedisLimiter(client), local_share=None)
-    admission = Admission(limiter, LimitsConfig(mode="shadow"), QueueConfig())
+    admission = Admission(
+        limiter,
+        LimitsConfig(mode="shadow"),
+        QueueConfig(),
+        metrics=Metrics(),
+        board=StatusBoard(),
+    )
     redis_server.stop(kill=True)
     decision = await admission.admit(KEY, 0)
     assert decision.admitted and decision.wait_s == 0

@@ -16,9 +16,10 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.limiter.base import Day, Limiter, LimitKey, Limits, UpstreamCounts
+from proxy.limiter.base import Day, Limiter, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.typing import ResourceKey
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
 from tests.support.redis_server import RedisServer
 
@@ -103,7 +104,7 @@ async def test_keys_are_independent(make_limiter) -> None:
     """One resource's full window does not hold back another's."""
     clock = ManualClock()
     limiter = make_limiter(clock)
-    other = LimitKey(KEY.app, "company", "co1")
+    other = ResourceKey(KEY.app, "company", "co1")
     for _ in range(5):
         await limiter.acquire(KEY, SMALL, TODAY, 0)
     assert not (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
@@ -241,7 +242,7 @@ async def _replay(
     backend: str, tmp_path_factory, arrivals: list[int], limits: Limits, max_wait_s: float
 ) -> list[float | None]:
     clock = ManualClock()
-    key = LimitKey("app", "location", f"example-{next(_example_ids)}")
+    key = ResourceKey("app", "location", f"example-{next(_example_ids)}")
     client = None
     if backend == "memory":
         limiter: Limiter = MemoryLimiter(clock)

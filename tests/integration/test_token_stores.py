@@ -25,7 +25,6 @@ from redis.crc import key_slot
 
 from proxy.config import StoreConfig
 from proxy.errors import TokenStoreUnavailable
-from proxy.limiter.base import LimitKey
 from proxy.limiter.redis import redis_keys
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import RedisTokenStore
@@ -409,7 +408,7 @@ async def test_redis_keys_carry_their_hash_tags(redis_client: Redis) -> None:
         "hoopai:claim:{webhook:abc}",
         "hoopai:tokens",
     }
-    limiter_key = redis_keys(LimitKey(*record.key), TODAY)[0]
+    limiter_key = redis_keys(record.key, TODAY)[0]
     assert key_slot(f"hoopai:token:{{{record.tag}}}".encode()) == key_slot(limiter_key.encode())
 
 

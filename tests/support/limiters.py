@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.limiter.base import Day, LimitKey, Limits
+from proxy.limiter.base import Day, Limits
+from proxy.typing import ResourceKey
 
 START = 1_800_000_000.0
 
@@ -26,6 +27,6 @@ class ManualClock:
         self.now += seconds
 
 
-KEY = LimitKey("6650f1a2b3c4d5e6f7a8b9c0", "location", "loc1")
+KEY = ResourceKey("6650f1a2b3c4d5e6f7a8b9c0", "location", "loc1")
 SMALL = Limits(burst=5, window_s=1.0, pad_s=0.1, daily=1000)
 TODAY = Day(id="2027-01-15", ends_in_s=3600.0)

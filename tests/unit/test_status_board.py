@@ -7,8 +7,9 @@ import tracemalloc
 
 from multidict import CIMultiDict
 
-from proxy.limiter.base import Decision, LimitKey
+from proxy.limiter.base import Decision
 from proxy.status import CAPACITY, StatusBoard
+from proxy.typing import ResourceKey
 
 DECISION = Decision(True, 0.0, 0.0, "", 99, 0.0, 199_999, 100.0)
 
@@ -35,7 +36,7 @@ def test_board_keeps_the_newest_views_under_1200_bytes_each() -> None:
         board = StatusBoard()
         before = tracemalloc.get_traced_memory()[0]
         for index in range(2 * CAPACITY):
-            key = LimitKey("6650f1a2b3c4d5e6f7a8b9c0", "location", f"board{index:019d}")
+            key = ResourceKey("6650f1a2b3c4d5e6f7a8b9c0", "location", f"board{index:019d}")
             board.decided(key, DECISION)
             board.answered(key, answer(index))
         gc.collect()
