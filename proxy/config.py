@@ -1,6 +1,6 @@
 """The proxy's configuration: frozen dataclasses, and the pure loader that builds them.
 
-Owns the config contract of DESIGN.md (every key, its default and its rule), the
+Owns the config contract (README.md, "Configuration": every key, its default and its rule), the
 ``${VAR}`` / ``${VAR:-default}`` interpolation, and ``describe_config`` for
 ``hoopai-proxy check-config``. Nothing is read at import time: ``load_config(path, environ)``
 reads exactly that file and that mapping.
@@ -338,6 +338,18 @@ class Config:
     default_resource: str = field(default="", metadata=_rule(_RESOURCE))
     tokens: TokensConfig = field(default_factory=TokensConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+
+    def app_named(self, name: str | None) -> AppConfig | None:
+        """The app called `name`; with no name, the only app if just one is configured.
+        None when there is no such app (each caller says so in its own words)."""
+        if name is None:
+            return self.apps[0] if len(self.apps) == 1 else None
+        return next((app for app in self.apps if app.name == name), None)
+
+    @property
+    def app_names(self) -> str:
+        """The configured apps' names, for messages that list them."""
+        return ", ".join(sorted(app.name for app in self.apps))
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Who is calling, for which app, and for which resource (Location or Company).
 
-The first rule that gives a resource wins (DESIGN.md, "The request path"):
+The first rule that gives a resource wins (docs/architecture.md, "The request path"):
 `X-HoopAI-Location-Id` / `X-HoopAI-Company-Id`; the caller's own HighLevel token (its JWT
 payload, read without a signature check, names authClass and authClassId); `locationId`
 / `companyId` in the query; `/locations/{id}` in the path; `locationId` / `companyId` at
@@ -91,7 +91,7 @@ class Resolver:
     """Turns a request into a Target, or raises the error that tells the caller what to send."""
 
     def __init__(self, config: Config) -> None:
-        self._apps = {app.name: app for app in config.apps}
+        self._config = config
         self._apps_by_id = {app.app_id: app for app in config.apps}
         self._callers = {caller.key_sha256: caller for caller in config.callers}
         self._default = _split_resource(config.default_resource)
@@ -141,20 +141,21 @@ class Resolver:
         named = headers.get(APP_HEADER)
         if named is not None:
             return self._named_app(named)
-        if len(self._apps) == 1:
-            return next(iter(self._apps.values()))
-        raise BadRequest(
-            f"Several apps are configured: send {APP_HEADER} with one of: "
-            + ", ".join(sorted(self._apps))
-        )
+        app = self._config.app_named(None)
+        if app is None:
+            raise BadRequest(
+                f"Several apps are configured: send {APP_HEADER} with one of: "
+                + self._config.app_names
+            )
+        return app
 
     def _named_app(self, name: str) -> AppConfig:
-        if name not in self._apps:
+        app = self._config.app_named(name)
+        if app is None:
             raise BadRequest(
-                f"{APP_HEADER} names no configured app; send one of: "
-                + ", ".join(sorted(self._apps))
+                f"{APP_HEADER} names no configured app; send one of: {self._config.app_names}"
             )
-        return self._apps[name]
+        return app
 
     def _token_target(self, facts: RequestFacts, claims: dict[str, Any]) -> tuple[AppConfig, Named]:
         """The app and resource a caller's own HighLevel token is for.

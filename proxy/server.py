@@ -35,24 +35,44 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the grace period), close."""
         await self.runner.cleanup()
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket; `reuse_port` lets several processes share one port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host:port` (a name or an address; port 0 picks a free
+    one). Bound before serving, so the port is known at once and forked workers can share
+    it."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+async def serve_on(runner: web.AppRunner, sock: socket.socket) -> RunningServer:
+    """Set `runner` up and serve it on `sock`; on failure nothing is left running."""
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    host, port = sock.getsockname()[:2]
+    return RunningServer(runner=runner, host=host, port=port)
 
 
 async def start_server(
@@ -80,10 +100,7 @@ async def start_server(
         access_log_class=AccessLogger,
         access_log=AccessLogger.logger if access_log else None,
     )
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    host, port = sock.getsockname()[:2]
-    return RunningServer(runner=runner, host=host, port=port)
+    return await serve_on(runner, sock)
 
 
 async def serve_until_signalled(

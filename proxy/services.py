@@ -24,7 +24,7 @@ from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
 from proxy.admission import Admission
-from proxy.config import AppConfig, Config, UpstreamConfig
+from proxy.config import Config, UpstreamConfig
 from proxy.forward import Forwarder
 from proxy.limiter.base import Limiter
 from proxy.limiter.fallback import FallbackLimiter
@@ -120,7 +120,7 @@ async def open_services(
             admission=admission,
             board=board,
             forwarder=Forwarder(session, config, Resolver(config), admission, tokens, metrics),
-            install=InstallFlow(_by_name(config), config.tokens, oauth, tokens),
+            install=InstallFlow(config, oauth, tokens),
             webhooks=_webhook_receiver(config, tokens, store, clock),
         )
         if keepalive:
@@ -130,16 +130,12 @@ async def open_services(
         yield services
 
 
-def _by_name(config: Config) -> dict[str, AppConfig]:
-    return {app.name: app for app in config.apps}
-
-
 def _webhook_receiver(
     config: Config, tokens: TokenManager, store: TokenStore, clock: Callable[[], float]
 ) -> WebhookReceiver:
     webhooks = config.webhooks
     keys = WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
-    return WebhookReceiver(_by_name(config), keys, webhooks, tokens, store, clock=clock)
+    return WebhookReceiver(config, keys, tokens, store, clock=clock)
 
 
 @asynccontextmanager

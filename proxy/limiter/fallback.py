@@ -44,7 +44,6 @@ class FallbackLimiter:
         self._clock = clock
         self._retry_after_s = retry_after_s
         self._down_until: float | None = None
-        self.fallbacks = 0  # times the shared limiter was found down (for metrics)
 
     @property
     def degraded(self) -> bool:
@@ -105,7 +104,6 @@ class FallbackLimiter:
 
     def _went_down(self, exc: LimiterUnavailable) -> None:
         if self._down_until is None:
-            self.fallbacks += 1
             action = (
                 f"deciding locally with 1/{self._share} of the limits"
                 if self._share is not None

@@ -15,7 +15,7 @@ import sys
 
 from proxy.simulator.config import WINDOW_KINDS, SimulatorConfig
 from proxy.simulator.server import create_simulator_app
-from proxy.simulator.serving import SimulatorServer
+from proxy.simulator.serving import serve_simulator
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -101,9 +101,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
 
 async def serve(config: SimulatorConfig, host: str, port: int) -> int:
     """Serve until SIGINT/SIGTERM; 1 when the address cannot be bound."""
-    server = SimulatorServer(create_simulator_app(config), host, port)
     try:
-        await server.start()
+        server = await serve_simulator(create_simulator_app(config), host, port)
     except OSError as exc:
         print(f"hoopai simulator: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.simulator.config import SimulatorConfig
 from proxy.simulator.server import create_simulator_app
-from proxy.simulator.serving import SimulatorServer
+from proxy.simulator.serving import serve_simulator
 from proxy.simulator.state import SIMULATOR, Simulator
 
 
@@ -34,8 +34,7 @@ async def running_simulator(
 ) -> AsyncIterator[RunningSimulator]:
     """Serve a fresh simulator on ``host``, port 0, until the block ends."""
     app = create_simulator_app(config, clock=clock)
-    server = SimulatorServer(app, host, 0, shutdown_timeout=0.5, access_log=False)
-    await server.start()
+    server = await serve_simulator(app, host, 0, shutdown_timeout=0.5, access_log=False)
     try:
         yield RunningSimulator(url=server.url, port=server.port, state=app[SIMULATOR], app=app)
     finally:

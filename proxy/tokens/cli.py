@@ -289,14 +289,11 @@ def _services(config: Config) -> AbstractAsyncContextManager[Services]:
 
 
 def _app(config: Config, name: str | None) -> AppConfig:
-    if name is None and len(config.apps) == 1:
-        return config.apps[0]
-    for app in config.apps:
-        if app.name == name:
-            return app
-    known = ", ".join(app.name for app in config.apps)
-    said = "say which with --app NAME" if name is None else f"unknown app {name!r}"
-    raise CommandRefused(f"--app: {said}; the config has: {known}", usage=True)
+    app = config.app_named(name)
+    if app is None:
+        said = "say which with --app NAME" if name is None else f"unknown app {name!r}"
+        raise CommandRefused(f"--app: {said}; the config has: {config.app_names}", usage=True)
+    return app
 
 
 def _resource(args: argparse.Namespace) -> tuple[ResourceKind, str]:

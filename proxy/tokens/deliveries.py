@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
 
-from proxy.config import AppConfig, WebhooksConfig
+from proxy.config import AppConfig, Config
 from proxy.errors import NotFound, NoToken, WebhookRejected, WebhookReplayed
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.store import TokenStore
@@ -41,30 +41,30 @@ class WebhookReceiver:
 
     def __init__(
         self,
-        apps: Mapping[str, AppConfig],
+        config: Config,
         keys: WebhookKeys,
-        config: WebhooksConfig,
         manager: TokenManager,
         claims: TokenStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._apps = apps
-        self._keys = keys
         self._config = config
+        self._keys = keys
         self._manager = manager
         self._claims = claims  # where a webhookId is claimed once, across replicas
         self._clock = clock
 
     async def handle(self, request: web.Request) -> web.Response:
-        app = self._apps.get(request.match_info["app"])
+        app = self._config.app_named(request.match_info["app"])
         if app is None:
             raise NotFound(
                 "No such app: deliveries go to /_proxy/webhooks/NAME with NAME one of: "
-                + ", ".join(sorted(self._apps))
+                + self._config.app_names
             )
         event, webhook_id = self._verified(app, await request.read(), request)
-        if not await self._claims.claim_once(f"webhook:{webhook_id}", self._config.max_age_s * 2):
+        if not await self._claims.claim_once(
+            f"webhook:{webhook_id}", self._config.webhooks.max_age_s * 2
+        ):
             raise WebhookReplayed(f"Delivery {webhook_id} was already received")
         action = await self._apply(app, event)
         log.info("webhook %s for app %s: %s", event.type, app.name, action)
@@ -81,7 +81,9 @@ class WebhookReceiver:
                 f"The delivery is for app {event.app_id!r}, but this URL is app "
                 f"{app.name!r} ({app.app_id})"
             )
-        check_fresh(event, datetime.fromtimestamp(self._clock(), UTC), self._config.max_age_s)
+        check_fresh(
+            event, datetime.fromtimestamp(self._clock(), UTC), self._config.webhooks.max_age_s
+        )
         return event, require_webhook_id(event)
 
     async def _apply(self, app: AppConfig, event: WebhookEvent) -> str:

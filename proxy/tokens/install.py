@@ -26,13 +26,13 @@ import logging
 import math
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from http.cookies import SimpleCookie
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy.config import AppConfig, TokensConfig
+from proxy.config import AppConfig, Config
 from proxy.errors import (
     BadRequest,
     InstallRefused,
@@ -62,25 +62,22 @@ class InstallFlow:
 
     def __init__(
         self,
-        apps: Mapping[str, AppConfig],
-        config: TokensConfig,
+        config: Config,
         oauth: OAuthClient,
         manager: TokenManager,
     ) -> None:
-        self._apps = apps
         self._config = config
         self._oauth = oauth
         self._manager = manager
         self._bad_codes = BadCodeLimit(oauth.clock)
 
     def _app(self, name: str | None) -> AppConfig:
-        if name is None and len(self._apps) == 1:
-            return next(iter(self._apps.values()))
-        if name is None or name not in self._apps:
+        app = self._config.app_named(name)
+        if app is None:
             raise BadRequest(
-                "Say which app to install with ?app=NAME, one of: " + ", ".join(sorted(self._apps))
+                f"Say which app to install with ?app=NAME, one of: {self._config.app_names}"
             )
-        return self._apps[name]
+        return app
 
     async def start(self, request: web.Request) -> web.Response:
         """Redirect the browser to the marketplace's authorization page for the app, with
@@ -95,7 +92,7 @@ class InstallFlow:
         }
         if app.scopes:
             query["scope"] = app.scopes
-        redirect = web.HTTPFound(f"{self._config.authorize_url}?{urlencode(query)}")
+        redirect = web.HTTPFound(f"{self._config.tokens.authorize_url}?{urlencode(query)}")
         # Secure when the callback is served over TLS; a browser drops a Secure cookie
         # set over plain http, which would break local installs.
         secure = app.redirect_uri.startswith("https://")
@@ -138,10 +135,10 @@ class InstallFlow:
         """The app of the callback, once its state is bound to this browser's cookie (or
         an unsolicited install is allowed); else InstallRefused."""
         state = request.query.get("state", "")
-        name, nonce = _split_state(state, self._apps)
+        name, nonce = _split_state(state, self._config)
         app = self._app(name or request.query.get("app"))
         if nonce is None:
-            if self._config.accept_unsolicited_installs:
+            if self._config.tokens.accept_unsolicited_installs:
                 return app
             raise InstallRefused(
                 "This install did not start at /_proxy/oauth/start, so nothing shows it was "
@@ -229,12 +226,12 @@ class BadCodeLimit:
                 del self._attempts[address]
 
 
-def _split_state(state: str, apps: Mapping[str, AppConfig]) -> tuple[str | None, str | None]:
+def _split_state(state: str, config: Config) -> tuple[str | None, str | None]:
     """(app name, nonce) from `state`. No state, or a bare app name, carries no nonce."""
     if not state:
         return None, None
     name, dot, nonce = state.rpartition(".")
-    if state in apps or not dot or not nonce:
+    if config.app_named(state) is not None or not dot or not nonce:
         return state, None
     return name, nonce
 

@@ -36,6 +36,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.lock import Lock
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -74,7 +75,8 @@ class RedisTokenStore:
         self._cas = self._script(client, "compare_and_set.lua")
         self._replace = self._script(client, "replace.lua")
         self._reseal = self._script(client, "reseal.lua")
-        self._release = self._script(client, "release_lock.lua")
+        # redis-py's own compare-and-delete, as its Lock releases: only the owner may.
+        self._release = client.register_script(Lock.LUA_RELEASE_SCRIPT)
 
     @staticmethod
     def _script(client: Redis | RedisCluster, name: str) -> AsyncScript:

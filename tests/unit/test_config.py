@@ -63,7 +63,7 @@ def error(document: object, environ: dict[str, str] | None = None) -> str:
 
 
 def test_defaults_when_only_apps_given() -> None:
-    """Every key but apps has the default DESIGN.md promises."""
+    """Every key but apps has the default the README promises."""
     config = parse_config(doc(), {})
     assert dataclasses.asdict(config) == {
         "server": {
