@@ -35,7 +35,7 @@
     └── InternalError               an unexpected failure, reported as such
 
 These carry no HTTP status: `proxy.http_errors` maps them to status and code at the edge,
-in one table (as httpx maps transport errors at one seam). `headers` is advice for
+in one table (docs/architecture.md, "Errors"). `headers` is advice for
 whoever answers (a `Retry-After`, the rate-limit headers of a refusal).
 """
 

@@ -1,4 +1,5 @@
-"""The forwarding handler: request -> resolve -> token -> admission -> upstream -> response.
+"""The forwarding handler: request -> resolve -> token -> admission -> upstream -> response
+(docs/architecture.md, "The request path", step by step).
 
 The token comes before the slot: nothing slow may stand between a reserved slot and the
 send. Bodies stream in both directions when they are large, so a 200 MB upload or download

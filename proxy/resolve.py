@@ -1,11 +1,12 @@
 """Who is calling, for which app, and for which resource (Location or Company).
 
-The first rule that gives a resource wins (docs/architecture.md, "The request path"):
-`X-HoopAI-Location-Id` / `X-HoopAI-Company-Id`; the caller's own HighLevel token (its JWT
-payload, read without a signature check, names authClass and authClassId); `locationId`
-/ `companyId` in the query; `/locations/{id}` in the path; `locationId` / `companyId` at
-the top of a JSON body; `default_resource`. Nothing here does I/O: the body, if any, was
-read before.
+With the caller's own HighLevel token, the resource and app are the token's (its JWT
+payload, read without a signature check, names authClass, authClassId and the app), and
+a request that names another is refused. Otherwise the first rule that names a resource
+wins, and later ones are not read: `X-HoopAI-Location-Id` / `X-HoopAI-Company-Id`;
+`locationId` / `companyId` in the query; `/locations/{id}` in the path; `locationId` /
+`companyId` at the top of a JSON body; `default_resource` (docs/architecture.md, "The
+request path"). Nothing here does I/O: the body, if any, was read before.
 """
 
 from __future__ import annotations

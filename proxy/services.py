@@ -6,8 +6,8 @@ the upstream HTTP session, the token manager and its token endpoint client, admi
 forwarder, the install flow and the webhook receiver, and the keep-alive task; on the way
 out each is closed after everything that uses it. The main app, the admin app, the
 `tokens` commands, the demo and the tests all take what they need from the `Services` it
-yields, so there is one graph and one order of teardown (as Envoy's ratelimit runner
-alone picks and builds its backends).
+yields, so there is one graph and one order of teardown (docs/architecture.md, "Layout
+and dependencies").
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ The memory backend runs these directly; the Redis backend runs the same steps in
 
 Burst: `slots` holds the last N reserved send times, ascending. A request at `now` gets
 `now` while fewer than N are kept, else `max(now, slots[-N] + W + pad)`. Every slot is
-then at least W after the slot N places before it, so any W-window holds at most N.
+then at least W after the slot N places before it, so any W-window holds at most N
+(the proof sketch: docs/architecture.md, "The limiter").
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Company token (single-flight too); a Company token refused there as `Invalid JWT
 refreshed and the mint tried once more. A location nothing could mint for is remembered
 for `MISSING_TTL_S` (at most `MAX_MISSING` of them, the oldest forgotten first), so asking
 again costs no store scan and no upstream call; an install of it forgets that at once.
+The whole lifecycle is in docs/architecture.md, "Tokens"; the one window that cannot be
+recovered, in "What cannot be recovered".
 """
 
 from __future__ import annotations
