@@ -33,6 +33,7 @@ import yaml
 
 from proxy.errors import ConfigError
 from proxy.tokens.sealing import Sealer
+from proxy.tokens.webhooks import WebhookKeyError, WebhookKeys
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -570,8 +571,6 @@ def _check_admin_token(admin: AdminConfig) -> None:
 
 
 def _check_webhook_keys(webhooks: WebhooksConfig) -> None:
-    from proxy.tokens.webhooks import WebhookKeyError, WebhookKeys
-
     try:
         WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
     except WebhookKeyError as exc:
