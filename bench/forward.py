@@ -6,31 +6,27 @@ The proxies' limits are 100 per 1 ms, far above the load, so the figures show th
 the path, not the limit. Also counts Redis round trips (script calls) per forwarded
 request. Prints a table and writes it into bench/RESULTS.md. Not a test, not a CI gate.
 
-    python bench/forward.py [--duration 10] [--concurrency 32]
+    python -m bench.forward [--duration 10] [--concurrency 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.loadgen import LoadResult, run_load  # noqa: E402
-from bench.results import machine, write_section  # noqa: E402
-from tests.support.processes import (  # noqa: E402
+from bench.loadgen import LoadResult, run_load
+from bench.results import machine, write_section
+from proxy.harness.processes import (
     ServiceProcess,
     proxy_process,
     simulator_process,
     write_config,
 )
-from tests.support.redis_server import RedisServer  # noqa: E402
-from tests.support.tokens import bearer  # noqa: E402
+from proxy.harness.redis_server import RedisServer
+from proxy.harness.tokens import SIM_CLIENT_ID, bearer
 
 SECTION = "## Forwarding: direct, memory limiter, Redis limiter"
 # The real burst size (the slot list a decision reads is 100 long) over a 1 ms window, so
@@ -67,7 +63,9 @@ def start_proxy(workdir: Path, name: str, upstream: str, **store: str) -> Servic
             "server": {"host": "127.0.0.1", "port": 0},
             "admin": {"host": "127.0.0.1", "port": 0},
             "upstream": {"base_url": upstream},
-            "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
+            # The callers' own tokens (bearer()) belong to this app: the proxy limits only
+            # tokens of apps it is configured for.
+            "apps": [{"name": "bench", "client_id": SIM_CLIENT_ID, "client_secret": "s"}],
             "limits": UNLIMITED,
             "store": {"sqlite_path": str(workdir / f"{name}-tokens.db"), **store},
         },

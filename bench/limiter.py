@@ -8,14 +8,13 @@
 
 Writes its table into bench/RESULTS.md.
 
-    python bench/limiter.py
+    python -m bench.limiter
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -26,17 +25,14 @@ import aiohttp
 import psutil
 import redis.asyncio as aioredis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.results import machine, write_section  # noqa: E402
-from proxy.limiter.base import Day, Limiter, Limits  # noqa: E402
-from proxy.limiter.memory import MemoryLimiter  # noqa: E402
-from proxy.limiter.redis import RedisLimiter  # noqa: E402
-from proxy.typing import ResourceKey  # noqa: E402
-from tests.support.processes import proxy_process, simulator_process, write_config  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
-from tests.support.tokens import bearer  # noqa: E402
+from bench.results import machine, write_section
+from proxy.harness.processes import proxy_process, simulator_process, write_config
+from proxy.harness.redis_server import RedisServer
+from proxy.harness.tokens import SIM_CLIENT_ID, bearer
+from proxy.limiter.base import Day, Limiter, Limits
+from proxy.limiter.memory import MemoryLimiter
+from proxy.limiter.redis import RedisLimiter
+from proxy.typing import ResourceKey
 
 SECTION = "## Limiter at scale"
 REAL = Limits(burst=100, window_s=10.0, pad_s=0.1, daily=200_000)
@@ -82,10 +78,13 @@ async def proxy_holding_queue(workdir: Path) -> tuple[float, float]:
     config = write_config(
         workdir / "queue.yaml",
         {
-            "server": {"host": "127.0.0.1", "port": 0},
+            # Every queued request is an open connection: lift the cap above COUNT.
+            "server": {"host": "127.0.0.1", "port": 0, "max_connections": COUNT * 2},
             "admin": {"host": "127.0.0.1", "port": 0},
             "upstream": {"base_url": simulator.url},
-            "apps": [{"name": "bench", "client_id": "benchapp-x", "client_secret": "s"}],
+            # The callers' own tokens (bearer()) belong to this app: the proxy limits only
+            # tokens of apps it is configured for.
+            "apps": [{"name": "bench", "client_id": SIM_CLIENT_ID, "client_secret": "s"}],
             "queue": {"max_wait_ms": 3_600_000},
             "store": {"sqlite_path": str(workdir / "queue-tokens.db")},
         },
