@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.server import RunningServer
+from proxy.services import SERVICES
 from tests.conftest import SIM_CLIENT_ID
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "limitLoc01"
 RESOURCE = f"{APP_ID}:location:{LOCATION}"
 N, W_MS, PAD_MS = 20, 1000, 50
+# For tests that refuse within a window, never wait one out: a window longer than any run,
+# so "still in the window" never depends on how fast the machine is.
+HOUR_MS = 3_600_000
 FIVE = (
     "X-RateLimit-Limit-Daily",
     "X-RateLimit-Daily-Remaining",
@@ -25,10 +32,12 @@ FIVE = (
 )
 
 
-def small_limits(mode: str = "queue", max_wait_ms: int = 30_000, **limits: Any) -> dict[str, Any]:
-    """Proxy config overrides: N per W with pad, and the queue mode."""
+def small_limits(
+    mode: str = "queue", max_wait_ms: int = 30_000, window_ms: int = W_MS
+) -> dict[str, Any]:
+    """Proxy config overrides: N per window (W unless told) with pad, and the queue mode."""
     return {
-        "limits": {"burst": {"requests": N, "interval_ms": W_MS, "pad_ms": PAD_MS}, **limits},
+        "limits": {"burst": {"requests": N, "interval_ms": window_ms, "pad_ms": PAD_MS}},
         "queue": {"mode": mode, "max_wait_ms": max_wait_ms},
     }
 
@@ -49,9 +58,38 @@ async def call(
         return response.status, dict(response.headers), json.loads(await response.read())
 
 
+def decisions(proxy: RunningServer) -> dict[str, int]:
+    """The proxy's limiter decisions so far, by outcome (sent, queued, shadow_would_queue...)."""
+    registry = proxy.runner.app[SERVICES].metrics.registry
+    return {
+        sample.labels["outcome"]: int(sample.value)
+        for family in registry.collect()
+        if family.name == "hoopai_proxy_limiter_decisions"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def held_now(proxy: RunningServer) -> int:
+    """Requests the proxy is holding for a slot right now."""
+    registry = proxy.runner.app[SERVICES].metrics.registry
+    return int(registry.get_sample_value("hoopai_proxy_requests_waiting") or 0)
+
+
+async def until_decided(proxy: RunningServer, count: int, request: asyncio.Task[Any]) -> None:
+    """Return once the proxy has decided `count` requests, the last of them `request`.
+
+    The decision and the start of any hold happen in one step, so once this returns the
+    proxy's metrics say whether `request` is held.
+    """
+    while sum(decisions(proxy).values()) < count:
+        assert not request.done(), f"request {count - 1} ended undecided: {request.result()}"
+        await asyncio.sleep(0.001)
+
+
 async def test_reject_mode_admits_exactly_n_of_5n(simulator, start_proxy, http, token) -> None:
     """5N concurrent requests with queue.mode reject: exactly N reach the upstream."""
-    proxy = await start_proxy(simulator.url, **small_limits(mode="reject"))
+    proxy = await start_proxy(simulator.url, **small_limits(mode="reject", window_ms=HOUR_MS))
     results = await asyncio.gather(*(call(http, proxy.url, token, i) for i in range(5 * N)))
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == N
@@ -64,21 +102,22 @@ async def test_proxy_429_has_retry_after_five_headers_and_json(
     simulator, start_proxy, http, token
 ) -> None:
     """A 429 made by the proxy tells the caller when to retry, in the upstream's format."""
-    proxy = await start_proxy(simulator.url, **small_limits(mode="reject"))
+    proxy = await start_proxy(simulator.url, **small_limits(mode="reject", window_ms=HOUR_MS))
     await asyncio.gather(*(call(http, proxy.url, token, i) for i in range(N)))
     status, headers, body = await call(http, proxy.url, token)
     assert status == 429
     assert body["statusCode"] == 429 and body["error"] == "rate_limited"
     assert LOCATION in body["message"] and "X-HoopAI-Max-Wait-Ms" in body["message"]
-    assert 1 <= int(headers["Retry-After"]) <= 2
+    # Whole seconds, at least one, and no later than a window from now.
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil((HOUR_MS + PAD_MS) / 1000)
     assert {name: headers[name] for name in FIVE} == {
         "X-RateLimit-Limit-Daily": "200000",
         "X-RateLimit-Daily-Remaining": str(200000 - N),
-        "X-RateLimit-Interval-Milliseconds": str(W_MS),
+        "X-RateLimit-Interval-Milliseconds": str(HOUR_MS),
         "X-RateLimit-Max": str(N),
         "X-RateLimit-Remaining": "0",
     }
-    assert headers["RateLimit-Policy"] == f'"burst";q={N};w=1, "daily";q=200000;w=86400'
+    assert headers["RateLimit-Policy"] == f'"burst";q={N};w=3600, "daily";q=200000;w=86400'
     assert headers["RateLimit"].startswith('"burst";r=0;t=')
 
 
@@ -88,17 +127,39 @@ async def test_queue_serves_5n_in_arrival_order_over_five_windows(
     """5N queued requests all succeed, window by window in arrival order, never more than
     N in any window at the upstream."""
     proxy = await start_proxy(simulator.url, **small_limits())
+    sent_at: list[float] = []
+    answered_at: dict[int, float] = {}
+
+    async def timed(index: int) -> tuple[int, dict[str, str], Any]:
+        result = await call(http, proxy.url, token, index)
+        answered_at[index] = time.monotonic()
+        return result
+
     tasks = []
     for index in range(5 * N):
-        tasks.append(asyncio.create_task(call(http, proxy.url, token, index)))
-        await asyncio.sleep(0.001)  # a definite arrival order
+        sent_at.append(time.monotonic())
+        tasks.append(asyncio.create_task(timed(index)))
+        # A definite arrival order: request i + 1 leaves once the proxy has decided request i.
+        await until_decided(proxy, index + 1, tasks[-1])
     results = await asyncio.gather(*tasks)
     assert [status for status, _, _ in results] == [200] * (5 * N)
-    hold_ms = W_MS + PAD_MS
-    windows = [round(int(headers["X-HoopAI-Queue-Ms"]) / hold_ms) for _, headers, _ in results]
-    assert windows == [index // N for index in range(5 * N)]
+    assert decisions(proxy) == {"sent": N, "queued": 4 * N}
+    # Request i is held to window i // N: answered no sooner than that many windows after
+    # the first request of its column was sent (W, not W + pad: the slot is reckoned on the
+    # wall clock, the hold on the monotonic one)...
+    early = [
+        index
+        for index in range(N, 5 * N)
+        if answered_at[index] - sent_at[index % N] < (index // N) * W_MS / 1000
+    ]
+    assert early == []
+    # ...and windows are served in arrival order: each answer comes before the answer to
+    # the request N places after it, which was held a whole window longer.
+    overtaken = [index for index in range(N, 5 * N) if answered_at[index] < answered_at[index - N]]
+    assert overtaken == []
     stats = simulator.state.stats()
     assert stats["rate_limited"] == 0
+    assert stats["per_resource"][RESOURCE]["requests"] == 5 * N
     assert stats["per_resource"][RESOURCE]["max_in_window"] <= N
 
 
@@ -122,14 +183,15 @@ async def test_forwarded_answer_mirrors_upstream_headers_and_adds_proxy_view(
     assert headers["X-RateLimit-Max"] == str(N)
     assert headers["X-RateLimit-Remaining"] == str(N - 1)
     assert headers["X-RateLimit-Interval-Milliseconds"] == str(W_MS)
-    assert int(headers["X-HoopAI-Queue-Ms"]) < W_MS / 2
+    assert int(headers["X-HoopAI-Queue-Ms"]) >= 0
+    assert decisions(proxy) == {"sent": 1}  # not held: the slot was free
     assert headers["RateLimit"].startswith(f'"burst";r={N - 1};')
 
 
 async def test_max_wait_header_only_lowers_the_wait(simulator, start_proxy, http, token) -> None:
     """X-HoopAI-Max-Wait-Ms: 0 refuses at once; a larger value than config is capped;
     a malformed one is a 400 that says what to send."""
-    proxy = await start_proxy(simulator.url, **small_limits(max_wait_ms=200))
+    proxy = await start_proxy(simulator.url, **small_limits(max_wait_ms=200, window_ms=HOUR_MS))
     await asyncio.gather(*(call(http, proxy.url, token, i) for i in range(N)))
     assert (await call(http, proxy.url, token, **{"X-HoopAI-Max-Wait-Ms": "0"}))[0] == 429
     capped = await call(http, proxy.url, token, **{"X-HoopAI-Max-Wait-Ms": "60000"})
@@ -169,7 +231,7 @@ async def test_upstream_429_is_returned_when_the_deadline_is_too_short(
     simulator, start_proxy, http, token
 ) -> None:
     """If the pause outlasts the caller's max wait, the upstream's own 429 comes back."""
-    proxy = await start_proxy(simulator.url, **small_limits())
+    proxy = await start_proxy(simulator.url, **small_limits(window_ms=HOUR_MS))
     simulator.state.set_faults({"force_429": 1})
     status, headers, body = await call(http, proxy.url, token, **{"X-HoopAI-Max-Wait-Ms": "100"})
     assert status == 429
@@ -184,18 +246,28 @@ async def test_upstream_429_is_returned_when_the_deadline_is_too_short(
 
 async def test_shadow_mode_reports_but_never_holds(simulator, start_proxy, http, token) -> None:
     """In shadow mode every request goes at once; answers say what enforce would do."""
-    proxy_limits = {"burst": {"requests": N, "interval_ms": W_MS, "pad_ms": PAD_MS}}
+    # N an hour: enforce would hold the second N for about an hour (they may wait two),
+    # and refuse the third N, which may not wait at all.
     proxy = await start_proxy(
         simulator.url,
-        limits={"mode": "shadow", **proxy_limits},
-        queue={"mode": "queue", "max_wait_ms": 500},
+        limits={"mode": "shadow", "burst": {"requests": N, "interval_ms": HOUR_MS}},
+        queue={"mode": "queue", "max_wait_ms": 2 * HOUR_MS},
     )
-    results = await asyncio.gather(*(call(http, proxy.url, token, i) for i in range(3 * N)))
-    # Held for no slot: far less than the W a queued request would wait.
-    assert all(int(headers["X-HoopAI-Queue-Ms"]) < W_MS / 2 for _, headers, _ in results)
+    no_wait = {"X-HoopAI-Max-Wait-Ms": "0"}
+    tasks, held = [], []
+    for index in range(3 * N):
+        headers = no_wait if index >= 2 * N else {}
+        tasks.append(asyncio.create_task(call(http, proxy.url, token, index, **headers)))
+        await until_decided(proxy, index + 1, tasks[-1])
+        held.append(held_now(proxy))  # enforce would be holding the second N by now
+    assert held == [0] * (3 * N)
+    results = await asyncio.gather(*tasks)
+    assert decisions(proxy) == {"sent": N, "shadow_would_queue": N, "shadow_would_refuse": N}
     assert all(body.get("error") != "rate_limited" for _, _, body in results)
     verdicts = [headers.get("X-HoopAI-Shadow-Decision", "") for _, headers, _ in results]
-    assert sum(v.startswith("reject; limit=burst") for v in verdicts) == 2 * N
+    assert verdicts[:N] == [""] * N
+    assert all(v.startswith("queue; wait_ms=") for v in verdicts[N : 2 * N]), verdicts
+    assert all(v.startswith("reject; limit=burst") for v in verdicts[2 * N :]), verdicts
     assert simulator.state.stats()["per_resource"][RESOURCE]["requests"] == 3 * N
 
 
@@ -206,12 +278,16 @@ async def test_caller_hanging_up_while_queued_sends_nothing(
     proxy = await start_proxy(simulator.url, **small_limits())
     await asyncio.gather(*(call(http, proxy.url, token, i) for i in range(N)))
     waiting = asyncio.create_task(call(http, proxy.url, token, 999))
-    await asyncio.sleep(0.2)
+    await until_decided(proxy, N + 1, waiting)
+    assert held_now(proxy) == 1
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    await asyncio.sleep((W_MS + PAD_MS) / 1000 + 0.3)
-    assert simulator.state.stats()["per_resource"][RESOURCE]["requests"] == N
+    # The next request's slot is no earlier than the abandoned one's: by the time it has
+    # been answered, the abandoned one, had the proxy kept it, would have been let go too.
+    assert (await call(http, proxy.url, token, 1000))[0] == 200
+    assert decisions(proxy) == {"sent": N, "queued": 2}
+    assert simulator.state.stats()["per_resource"][RESOURCE]["requests"] == N + 1
 
 
 async def test_unresolvable_request_is_400_with_advice(simulator, start_proxy, http) -> None:

@@ -22,6 +22,8 @@ from tests.support.processes import proxy_process, write_config
 REPO = Path(__file__).resolve().parents[2]
 APP_ENV = {"HOOPAI_CLIENT_ID": SIM_CLIENT_ID, "HOOPAI_CLIENT_SECRET": SIM_CLIENT_SECRET}
 
+pytestmark = pytest.mark.slow
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -89,7 +91,6 @@ def test_loopback_and_callers_need_no_opt_in(tmp_path: Path) -> None:
     assert run_cli("check-config", str(with_callers)).returncode == 0
 
 
-@pytest.mark.slow
 async def test_trusted_network_serves_and_warns_once(tmp_path: Path, simulator) -> None:
     """server.trust_network: true serves on 0.0.0.0 (reached here over loopback) and logs
     one warning at start saying anything that reaches the port uses the tokens."""

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.tokens import bearer
 
+pytestmark = pytest.mark.slow
+
 MB = 1024 * 1024
 BIG = 200 * MB
 
@@ -101,7 +103,10 @@ async def test_sigterm_drains_in_flight_requests(simulator, spawn_proxy, http) -
     """Requests already accepted when SIGTERM arrives finish with 200; the exit is clean."""
     proxy = spawn_proxy(simulator.url)
     in_flight = [asyncio.create_task(http.get(f"{proxy.url}/_sim/slow?ms=1500")) for _ in range(10)]
-    await asyncio.sleep(0.5)
+    # In flight: all ten have reached the simulator, which holds each for 1.5 s.
+    while simulator.state.stats()["probe_requests"] < 10:
+        assert not any(task.done() for task in in_flight), "a request ended before SIGTERM"
+        await asyncio.sleep(0.01)
     proxy.signal(signal.SIGTERM)
     responses = await asyncio.gather(*in_flight)
     assert [response.status for response in responses] == [200] * 10

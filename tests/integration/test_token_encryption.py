@@ -422,6 +422,7 @@ def config_file(backend: Backend, tmp_path: Path) -> Path:
     return write_config(tmp_path / "proxy.yaml", document)
 
 
+@pytest.mark.slow
 async def test_tokens_reencrypt_command_rewrites_and_prints_only_counts(
     backend: Backend, tmp_path: Path
 ) -> None:
@@ -444,6 +445,7 @@ async def test_tokens_reencrypt_command_rewrites_and_prints_only_counts(
         assert await read_all(store, RECORDS) == RECORDS
 
 
+@pytest.mark.slow
 async def test_tokens_reencrypt_refusals_name_the_key_and_leak_nothing(
     backend: Backend, tmp_path: Path
 ) -> None:
@@ -471,6 +473,7 @@ async def test_tokens_reencrypt_refusals_name_the_key_and_leak_nothing(
     assert sorted(await backend.raw()) == sorted(before)
 
 
+@pytest.mark.slow
 async def test_serve_with_a_malformed_key_exits_2_without_echoing_it(tmp_path: Path) -> None:
     """`serve` with a key that is not a Fernet key stops at start with exit 2 and a config
     error naming store.encryption_key that does not contain the value."""

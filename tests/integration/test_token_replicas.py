@@ -7,11 +7,14 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
 from tests.support.leaks import leaked
+
+pytestmark = pytest.mark.slow
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "replicaLoc01"
@@ -64,13 +67,12 @@ async def test_refresh_storm_on_three_replicas_refreshes_once(
     assert leaked(logs, simulator.state.tokens.issued()) == []
 
 
-async def wait_for_lock(redis_url: str, timeout_s: float = 5.0) -> None:
-    """Until some replica holds a refresh lock."""
+async def wait_for_lock(redis_url: str, request: asyncio.Task[Any]) -> None:
+    """Until some replica holds a refresh lock, taken for `request`."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        deadline = asyncio.get_running_loop().time() + timeout_s
         while not await client.keys("hoopai:lock:*"):
-            assert asyncio.get_running_loop().time() < deadline, "nobody took the lock"
+            assert not request.done(), "the request ended and nobody took the lock"
             await asyncio.sleep(0.02)
     finally:
         await client.aclose()
@@ -94,7 +96,7 @@ async def test_lock_holder_killed_before_the_upstream_rotated(
     simulator.state.expire_tokens(RESOURCE)
     simulator.state.set_faults({"token_accept_delay_ms": 10_000})
     doomed = asyncio.create_task(managed(http, holder.url))
-    await wait_for_lock(redis_server.url)
+    await wait_for_lock(redis_server.url, doomed)
     assert holder.process is not None
     holder.process.kill()
     simulator.state.set_faults({"token_accept_delay_ms": 0})
@@ -120,8 +122,10 @@ async def test_lock_holder_killed_after_the_upstream_rotated_loses_the_install(
     simulator.state.expire_tokens(RESOURCE)
     simulator.state.set_faults({"token_latency_ms": 10_000})  # rotates, then answers late
     doomed = asyncio.create_task(managed(http, holder.url))
-    await wait_for_lock(redis_server.url)
-    await asyncio.sleep(0.3)  # the upstream has rotated by now
+    await wait_for_lock(redis_server.url, doomed)
+    while simulator.state.stats()["refreshes"] < 1:  # until the upstream has rotated
+        assert not doomed.done(), "the request ended before the upstream rotated"
+        await asyncio.sleep(0.02)
     assert holder.process is not None
     holder.process.kill()
     simulator.state.set_faults({"token_latency_ms": 0})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.config import parse_config
 from proxy.redis_client import open_redis
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "cliLoc01"
 FRAGMENT = 16  # no run of this many characters of any token may appear in the output
+
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)
