@@ -17,11 +17,11 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import Config, parse_config
+from proxy.harness.processes import ServiceProcess, proxy_process, write_config
+from proxy.harness.redis_server import RedisServer
 from proxy.server import RunningServer, bind_socket, start_server
 from proxy.simulator import SimulatorConfig
 from proxy.simulator.testing import running_simulator
-from tests.support.processes import ServiceProcess, proxy_process, write_config
-from tests.support.redis_server import RedisServer
 
 SIM_CLIENT_ID = "6650f1a2b3c4d5e6f7a8b9c0-simdemo01"
 SIM_CLIENT_SECRET = "sim-secret"

@@ -20,6 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.errors import TooManyKeys
+from proxy.harness.redis_server import RedisServer
+from proxy.harness.tokens import SIM_CLIENT_ID, bearer
 from proxy.http_errors import status_and_code
 from proxy.limiter.base import Day, UpstreamCounts
 from proxy.limiter.fallback import FallbackLimiter
@@ -27,8 +29,6 @@ from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.typing import ResourceKey
 from tests.support.limiters import SMALL, TODAY, ManualClock
-from tests.support.redis_server import RedisServer
-from tests.support.tokens import SIM_CLIENT_ID, bearer
 
 APP = SIM_CLIENT_ID.split("-", 1)[0]
 COUNT = 20_000

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from proxy.admission import Admission
 from proxy.config import LimitsConfig, QueueConfig, StoreConfig
 from proxy.errors import LimiterUnavailable
+from proxy.harness.redis_server import RedisServer
 from proxy.http_errors import status_and_code
 from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.redis import RedisLimiter
@@ -19,7 +20,6 @@ from proxy.metrics import Metrics
 from proxy.redis_client import open_redis
 from proxy.status import StatusBoard
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
-from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture

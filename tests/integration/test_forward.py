@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.support.redis_server import free_port
-from tests.support.tokens import bearer
+from proxy.harness.redis_server import free_port
+from proxy.harness.tokens import bearer
 
 
 @pytest.fixture

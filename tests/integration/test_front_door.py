@@ -17,11 +17,11 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.admin import create_admin_app
+from proxy.harness.tokens import location_jwt
 from proxy.http_errors import answer_errors_as_json
 from proxy.jwt import b64url
 from proxy.server import bind_socket, start_server
 from tests.conftest import SIM_CLIENT_ID
-from tests.support.tokens import location_jwt
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 CALLER_KEY = "front-door-caller-key"

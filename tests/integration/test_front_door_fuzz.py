@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.harness.processes import ServiceProcess, proxy_process, simulator_process, write_config
+from proxy.harness.tokens import location_jwt
 from tests.conftest import SIM_CLIENT_ID, base_document, merged
-from tests.support.processes import ServiceProcess, proxy_process, simulator_process, write_config
-from tests.support.tokens import location_jwt
 
 pytestmark = pytest.mark.slow
 

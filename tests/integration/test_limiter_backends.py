@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.harness.redis_server import RedisServer
 from proxy.limiter.base import Day, Limiter, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.typing import ResourceKey
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
-from tests.support.redis_server import RedisServer
 
 LimiterFactory = Callable[[ManualClock], Limiter]
 

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.harness.processes import proxy_process, write_config
 from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, base_document, merged
-from tests.support.processes import proxy_process, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 APP_ENV = {"HOOPAI_CLIENT_ID": SIM_CLIENT_ID, "HOOPAI_CLIENT_SECRET": SIM_CLIENT_SECRET}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
+from proxy.harness.processes import ServiceProcess, write_config
 from tests.conftest import base_document
-from tests.support.processes import ServiceProcess, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as redis
 
-from tests.support.redis_server import INSTALL_HINT, RedisServer, redis_server_binary
+from proxy.harness.redis_server import INSTALL_HINT, RedisServer, redis_server_binary
 
 
 async def test_fixture_runs_a_real_redis_7(redis_server: RedisServer) -> None:

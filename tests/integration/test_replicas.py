@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.harness.processes import ServiceProcess
+from proxy.harness.redis_server import RedisServer
 from tests.conftest import SIM_CLIENT_ID
-from tests.support.processes import ServiceProcess
 from tests.support.redis_cluster import RedisCluster
-from tests.support.redis_server import RedisServer
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 API_PATH = "/contacts/"

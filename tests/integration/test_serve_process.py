@@ -12,7 +12,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.support.tokens import bearer
+from proxy.harness.tokens import bearer
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +139,8 @@ def test_busy_port_is_one_line_naming_the_key(tmp_path) -> None:
     import subprocess
     import sys
 
+    from proxy.harness.processes import write_config
     from tests.conftest import base_document
-    from tests.support.processes import write_config
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from proxy.harness.processes import ServiceProcess, proxy_process, write_config
+from proxy.harness.tokens import location_jwt
 from tests.conftest import base_document, merged
-from tests.support.processes import ServiceProcess, proxy_process, write_config
-from tests.support.tokens import location_jwt
 
 pytestmark = pytest.mark.slow
 

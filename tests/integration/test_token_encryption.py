@@ -25,6 +25,8 @@ from cryptography.fernet import Fernet
 
 from proxy.config import StoreConfig, parse_config
 from proxy.errors import ConfigError, TokenStoreUnavailable
+from proxy.harness.processes import write_config
+from proxy.harness.redis_server import RedisServer
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import record_key
 from proxy.tokens.sealing import Sealer, reencrypt
@@ -32,8 +34,6 @@ from proxy.tokens.store import TokenRecord
 from proxy.tokens.stores import open_token_store
 from tests.conftest import base_document, merged
 from tests.support.leaks import leaked
-from tests.support.processes import write_config
-from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "6650f1a2b3c4d5e6f7a8b9c0"

@@ -25,6 +25,7 @@ from redis.crc import key_slot
 
 from proxy.config import StoreConfig
 from proxy.errors import TokenStoreUnavailable
+from proxy.harness.redis_server import RedisServer
 from proxy.limiter.redis import redis_keys
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import RedisTokenStore
@@ -32,7 +33,6 @@ from proxy.tokens.sqlite import SqliteTokenStore
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
 from tests.support.limiters import TODAY
 from tests.support.redis_cluster import RedisCluster
-from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "6650f1a2b3c4d5e6f7a8b9c0"

@@ -15,13 +15,13 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_config
+from proxy.harness.processes import write_config
+from proxy.harness.redis_server import RedisServer
 from proxy.redis_client import open_redis
 from proxy.tokens.store import TokenRecord
 from proxy.tokens.stores import open_token_store
 from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, base_document, merged
 from tests.support.leaks import leaked
-from tests.support.processes import write_config
-from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]

@@ -223,7 +223,7 @@ async def test_other_401s_pass_through_untouched(simulator, start_proxy, http) -
 async def test_token_endpoint_down_keeps_the_old_token(simulator, start_proxy, http) -> None:
     """Network errors on refresh are retried with backoff, then 503 token_unavailable; the
     stored token is untouched and works again once the endpoint is back."""
-    from tests.support.redis_server import free_port
+    from proxy.harness.redis_server import free_port
 
     dead_end = f"http://127.0.0.1:{free_port()}"
     proxy = await start_proxy(simulator.url, **ROOMY)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.redis_server import RedisServer, free_port
+from proxy.harness.redis_server import RedisServer, free_port
 
 MASTERS = 3
 
