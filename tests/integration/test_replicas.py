@@ -394,8 +394,14 @@ async def test_upstream_counts_seen_by_one_replica_hold_for_another(
     burst, interval_ms, bypassed = 10, 2000, 6
     simulator.state.set_limits({"burst": burst, "interval_ms": interval_ms, "window": "sliding"})
     token, resource = install(simulator, "upstreamsync")
+    # The subject is the count A saw reaching B, not network jitter: a pad far above any
+    # delay between a slot and the upstream's count of it, even on a loaded machine.
     settings = proxy_settings(
-        {"redis_url": redis_server.url}, burst=burst, interval_ms=interval_ms, max_wait_ms=30000
+        {"redis_url": redis_server.url},
+        burst=burst,
+        interval_ms=interval_ms,
+        pad_ms=1000,
+        max_wait_ms=30000,
     )
     proxy_a = spawn_proxy(simulator.url, **settings)
     proxy_b = spawn_proxy(simulator.url, **settings)
