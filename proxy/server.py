@@ -65,12 +65,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 async def serve_on(runner: web.AppRunner, sock: socket.socket) -> RunningServer:
     """Set `runner` up and serve it on `sock`; on failure nothing is left running."""
     await runner.setup()
+    started = False
     try:
         await web.SockSite(runner, sock).start()
-    except BaseException:
-        sock.close()
-        await runner.cleanup()
-        raise
+        started = True
+    finally:
+        if not started:  # whatever stopped it, cancellation included: leave nothing open
+            sock.close()
+            await runner.cleanup()
     host, port = sock.getsockname()[:2]
     return RunningServer(runner=runner, host=host, port=port)
 

@@ -30,10 +30,10 @@ def test_throttle_admits_one_per_window_and_counts_the_rest() -> None:
     assert throttle.admit("accept") is None
 
 
-def record_with(exc: BaseException, *args: object) -> logging.LogRecord:
+def record_with(exc: Exception, *args: object) -> logging.LogRecord:
     try:
         raise exc
-    except BaseException:
+    except Exception:
         exc_info = sys.exc_info()
     return logging.LogRecord(
         "aiohttp.server", logging.ERROR, __file__, 1, "%s from %s", args, exc_info
