@@ -121,6 +121,7 @@ def token_answer(sim: Simulator, form: Mapping[str, str]) -> web.Response:
 async def token_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
     form = await read_form(request)
+    sim.counters.token_requests += 1
     if sim.faults.token_accept_delay_ms > 0:
         await asyncio.sleep(sim.faults.token_accept_delay_ms / 1000)
     answer = token_answer(sim, form)

@@ -27,6 +27,8 @@ class Stats:
     endpoint answered, ``forced_429`` the subset forced by the fault.
     ``location_token_requests`` counts every call to ``/oauth/locationToken``, refused or
     not; ``location_tokens_minted`` the ones that handed out a token.
+    ``token_requests`` counts every call to ``/oauth/token`` once its form has arrived,
+    before any accept delay (a test can kill a client whose call is surely received).
     """
 
     requests: int = 0
@@ -44,6 +46,7 @@ class Stats:
     invalid_codes: int = 0
     location_token_requests: int = 0
     location_tokens_minted: int = 0
+    token_requests: int = 0
     dropped: int = 0
     faults_5xx: int = 0
     command_timeouts: int = 0

@@ -95,8 +95,14 @@ async def test_lock_holder_killed_before_the_upstream_rotated(
     await install(http, holder.url, simulator)
     simulator.state.expire_tokens(RESOURCE)
     simulator.state.set_faults({"token_accept_delay_ms": 10_000})
+    requests_before = simulator.state.stats()["token_requests"]
     doomed = asyncio.create_task(managed(http, holder.url))
     await wait_for_lock(redis_server.url, doomed)
+    # Killed only once the simulator holds its refresh in the accept delay: killed earlier,
+    # the request could still sit unread and be processed after the delay is lifted.
+    while simulator.state.stats()["token_requests"] == requests_before:
+        assert not doomed.done(), "the request ended before its refresh reached the upstream"
+        await asyncio.sleep(0.02)
     assert holder.process is not None
     holder.process.kill()
     simulator.state.set_faults({"token_accept_delay_ms": 0})
