@@ -8,7 +8,6 @@ board, and hands the upstream's counts back to the limiter.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -18,9 +17,7 @@ from multidict import CIMultiDictProxy
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import BadRequest, LimiterUnavailable, RateLimited, TooManyKeys
 from proxy.headers import (
-    UPSTREAM_BURST_MAX,
     UPSTREAM_BURST_REMAINING,
-    UPSTREAM_DAILY_LIMIT,
     UPSTREAM_DAILY_REMAINING,
     Headers,
     upstream_remaining,
@@ -31,6 +28,7 @@ from proxy.limiter.days import day_at
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
 from proxy.typing import ResourceKey
+from proxy.waiting import WaitingLine
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +40,6 @@ def limits_from(config: LimitsConfig) -> Limits:
         pad_s=config.burst.pad_ms / 1000,
         daily=config.daily.requests,
     )
-
-
-def _on_our_scale(headers: Headers, remaining: str, limit: str, ours: int) -> int | None:
-    """The upstream's remaining count restated against our own limit.
-
-    What matters is how many the upstream has counted (its limit minus its remaining);
-    our limit may differ from its (a sandbox configured at 25, or a test at 100,000), so
-    that count is taken off ours. None when the answer carries no count.
-    """
-    left = upstream_remaining(headers, remaining)
-    if left is None:
-        return None
-    upstream_limit = upstream_remaining(headers, limit)
-    used = (upstream_limit if upstream_limit is not None else ours) - left
-    return max(0, ours - used)
 
 
 def _outcome(decision: Decision, shadow: bool) -> str:
@@ -92,6 +75,7 @@ class Admission:
         self._zone = limits.daily.zone
         self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
         self._wall_clock = wall_clock
+        self.line = WaitingLine(self._give_back)
 
     def today(self) -> Day:
         return day_at(self._wall_clock(), self._zone)
@@ -145,19 +129,27 @@ class Admission:
                 )
             return decision
         if decision.wait_s > 0:
-            await self._hold(key, decision.wait_s)
+            decision = await self._hold(key, decision)
         self._metrics.queue_seconds.observe(decision.wait_s)
         return decision
 
-    async def _hold(self, key: ResourceKey, wait_s: float) -> None:
-        """Sleep until the slot; cancelled here if the caller goes away (nothing is sent)."""
+    async def aclose(self) -> None:
+        await self.line.aclose()
+
+    async def _hold(self, key: ResourceKey, decision: Decision) -> Decision:
+        """Wait in line for the slot (it may move earlier when a caller ahead leaves); if
+        this caller leaves, nothing is sent and the slot is passed on."""
         self._metrics.waiting.inc()
         self._board.waiting(key, +1)
         try:
-            await asyncio.sleep(wait_s)
+            return await self.line.hold(key, decision)
         finally:
             self._metrics.waiting.dec()
             self._board.waiting(key, -1)
+
+    async def _give_back(self, key: ResourceKey, decision: Decision) -> None:
+        await self._limiter.release(key, self.limits, decision)
+        self._metrics.slots_given_back.inc()
 
     async def observe(
         self, key: ResourceKey, status: int, headers: Headers, decision: Decision
@@ -169,12 +161,10 @@ class Admission:
         proxy): every replica must know at once. Otherwise the counts may ride along with
         the key's next decision, which costs no extra round trip.
         """
-        burst = _on_our_scale(
-            headers, UPSTREAM_BURST_REMAINING, UPSTREAM_BURST_MAX, self.limits.burst
-        )
-        daily = _on_our_scale(
-            headers, UPSTREAM_DAILY_REMAINING, UPSTREAM_DAILY_LIMIT, self.limits.daily
-        )
+        # As the upstream said them, on its own limits and interval: `r` left means at most
+        # `r` more until its window moves on, whatever our own numbers are.
+        burst = upstream_remaining(headers, UPSTREAM_BURST_REMAINING)
+        daily = upstream_remaining(headers, UPSTREAM_DAILY_REMAINING)
         self._board.answered(key, headers)
         if status == 429:
             # Not processed upstream: the whole window is taken, for every replica, now.

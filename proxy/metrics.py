@@ -40,6 +40,11 @@ class Metrics:
         self.waiting = Gauge(
             "hoopai_proxy_requests_waiting", "Requests held for a slot right now.", registry=r
         )
+        self.slots_given_back = Counter(
+            "hoopai_proxy_slots_given_back",
+            "Slots of queued requests whose callers left before the send, passed on.",
+            registry=r,
+        )
         self.upstream = Counter(
             "hoopai_proxy_upstream_answers",
             "Answers from the upstream, by status.",

@@ -49,7 +49,10 @@ class Decision:
 
     Admitted: send after `wait_s`. Refused: `retry_after_s` says when asking again can
     succeed, `limited_by` says which limit refused. The remaining counts and reset times
-    describe the key after this decision and feed the response headers.
+    describe the key after this decision and feed the response headers. `slot` is the
+    reserved send time on the backend's own clock, which `Limiter.release` takes to give
+    it back (None when nothing was reserved: a refusal, or shadow mode); `local` marks a
+    decision the fallback made in process while the shared limiter was down.
     """
 
     admitted: bool
@@ -60,11 +63,13 @@ class Decision:
     burst_reset_s: float
     daily_remaining: int
     daily_reset_s: float
+    slot: float | None = None
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCounts:
-    """What one upstream answer said of a key, restated against the limiter's own limits."""
+    """What one upstream answer said of a key: its remaining counts, as it said them."""
 
     burst_remaining: int | None = None
     daily_remaining: int | None = None
@@ -99,6 +104,11 @@ class Limiter(Protocol):
         A backend may apply this with the key's next decision unless `counts.at_once` or
         `counts.pause` ask for it now (see UpstreamCounts).
         """
+        ...
+
+    async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
+        """Give back the slot of an admitted request that will never be sent (its caller
+        hung up while it was queued). Nothing happens if the slot is no longer kept."""
         ...
 
     async def close(self) -> None: ...

@@ -8,6 +8,7 @@ pause, and the proxy goes back to it by itself. The switch each way is logged on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -65,9 +66,21 @@ class FallbackLimiter:
                 "The shared rate limiter (Redis) is unavailable and store.on_redis_error is "
                 "'reject'; retry shortly"
             )
-        return await self._local.acquire(
+        decision = await self._local.acquire(
             key, limits.scaled(self._share), day, max_wait_s, shadow=shadow
         )
+        return dataclasses.replace(decision, local=True)
+
+    async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
+        """To whichever limiter reserved the slot; a shared one while Redis is down stays
+        spent (the safe side)."""
+        if decision.local:
+            await self._local.release(key, limits.scaled(self._share or 1), decision)
+        elif not self.degraded:
+            try:
+                await self._shared.release(key, limits, decision)
+            except LimiterUnavailable as exc:
+                self._went_down(exc)
 
     async def observe(
         self,

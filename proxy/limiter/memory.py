@@ -121,6 +121,11 @@ class MemoryLimiter:
         if state is not None:
             slots.observe(state, limits, day, now, counts)
 
+    async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
+        state = self._live.get(key)
+        if state is not None and decision.slot is not None:
+            slots.release(state, decision.slot)
+
     async def close(self) -> None:
         self._live.clear()
         self._ends.clear()

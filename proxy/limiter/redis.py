@@ -37,6 +37,8 @@ from proxy.typing import LimitedBy, ResourceKey
 US = 1_000_000
 KEY_PREFIX = "hoopai:limit"
 NOT_SEEN = -1
+# A release touches only the slot list, never a day's counter.
+_ANY_DAY = Day(id="release", ends_in_s=0.0)
 
 
 def redis_keys(key: ResourceKey, day: Day) -> list[str]:
@@ -80,8 +82,8 @@ class RedisLimiter:
         self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         seen = self._seen.pop(key, None)
-        reply = await self._call("acquire", key, limits, day, max_wait_s, shadow, seen)
-        admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining = reply
+        reply = await self._call("acquire", key, limits, day, _us(max_wait_s), shadow, seen)
+        admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot = reply
         return Decision(
             admitted=bool(admitted),
             wait_s=int(wait) / US,
@@ -91,7 +93,15 @@ class RedisLimiter:
             burst_reset_s=int(reset) / US,
             daily_remaining=int(daily_remaining),
             daily_reset_s=day.ends_in_s,
+            slot=None if int(slot) < 0 else int(slot),
         )
+
+    async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
+        if decision.slot is None:
+            return
+        # The slot travels as the integer microseconds the script stored (no float on the
+        # way), so the script finds the very value it answered.
+        await self._call("release", key, limits, _ANY_DAY, int(decision.slot), False, None)
 
     async def observe(
         self,
@@ -109,7 +119,7 @@ class RedisLimiter:
         if counts.pause or counts.at_once:
             self._seen.pop(key, None)
             op = "pause" if counts.pause else "observe"
-            await self._call(op, key, limits, day, 0.0, False, seen)
+            await self._call(op, key, limits, day, 0, False, seen)
         else:
             self._seen[key] = seen
             self._seen.move_to_end(key)
@@ -135,10 +145,11 @@ class RedisLimiter:
         key: ResourceKey,
         limits: Limits,
         day: Day,
-        max_wait_s: float,
+        max_wait_or_slot_us: int,
         shadow: bool,
         seen: _Seen | None,
     ) -> Any:
+        """ARGV[7] is the longest wait for `acquire`, the slot given back for `release`."""
         args: list[int | str] = [
             op,
             limits.burst,
@@ -146,7 +157,7 @@ class RedisLimiter:
             _us(limits.pad_s),
             limits.daily,
             _us(day.ends_in_s),
-            _us(max_wait_s),
+            max_wait_or_slot_us,
             "1" if shadow else "0",
             NOT_SEEN if seen is None else seen.burst_remaining,
             NOT_SEEN if seen is None or seen.day_id != day.id else seen.daily_remaining,

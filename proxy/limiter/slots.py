@@ -3,10 +3,13 @@
 The memory backend runs these directly; the Redis backend runs the same steps in Lua
 (lua/limiter.lua), and one test suite holds both to the same answers.
 
-Burst: `slots` holds the last N reserved send times, ascending. A request at `now` gets
-`now` while fewer than N are kept, else `max(now, slots[-N] + W + pad)`. Every slot is
-then at least W after the slot N places before it, so any W-window holds at most N
-(the proof sketch: docs/architecture.md, "The limiter").
+Burst: `slots` holds the reserved send times, ascending: every one still inside its hold
+(W + pad), so at least the last N that matter. A request at `now` gets `now` while fewer
+than N are kept, else `max(now, slots[-N] + W + pad)`. No W-window then holds more than N
+(the proof sketch: docs/architecture.md, "The limiter"). A slot whose request was never
+sent (its caller hung up while queued) may be given back (`release`); keeping every slot
+still in its hold, not only the last N, is what makes that safe: `slots[-N]` stays the
+N-th latest of all slots not given back.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ class KeyState:
             self.day_id, self.day_count = day.id, 0
 
 
+def trim(state: KeyState, limits: Limits, now: float) -> None:
+    """Drop the slots whose hold is over: they can no longer share a window with a new one."""
+    hold = limits.window_s + limits.pad_s
+    old = bisect.bisect_right(state.slots, now - hold)
+    if old:
+        del state.slots[:old]
+
+
 def next_slot(slots: list[float], limits: Limits, now: float) -> float:
     """The earliest time a new request may be sent."""
     if len(slots) < limits.burst:
@@ -52,6 +63,7 @@ def decide(
 ) -> Decision:
     """Reserve a slot (or refuse), updating `state`. See the module docstring."""
     state.roll_day(day)
+    trim(state, limits, now)
     if state.day_count >= limits.daily and not shadow:
         return refusal(state, limits, day, now, "daily", day.ends_in_s)
     slot = next_slot(state.slots, limits, now)
@@ -59,7 +71,8 @@ def decide(
     if wait > max_wait_s and not shadow:
         return refusal(state, limits, day, now, "burst", wait)
     # Shadow mode sends at once, so the slot actually used is `now`.
-    record(state, limits, now if shadow else slot)
+    used = now if shadow else slot
+    bisect.insort(state.slots, used)
     state.day_count += 1
     remaining, reset = burst_view(state.slots, limits, now)
     return Decision(
@@ -71,6 +84,7 @@ def decide(
         burst_reset_s=reset,
         daily_remaining=max(0, limits.daily - state.day_count),
         daily_reset_s=day.ends_in_s,
+        slot=None if shadow else used,
     )
 
 
@@ -101,10 +115,14 @@ def refusal(
     )
 
 
-def record(state: KeyState, limits: Limits, slot: float) -> None:
-    """Keep `slot`, in order, and drop what is older than the last N."""
-    bisect.insort(state.slots, slot)
-    del state.slots[: -limits.burst]
+def release(state: KeyState, slot: float) -> bool:
+    """Give back a reserved slot whose request was never sent; False if it is not kept
+    (its hold is over, or the state was lost): then there is nothing to give back."""
+    at = bisect.bisect_left(state.slots, slot)
+    if at < len(state.slots) and state.slots[at] == slot:
+        del state.slots[at]
+        return True
+    return False
 
 
 def observe(
@@ -116,20 +134,29 @@ def observe(
 ) -> None:
     """Believe the upstream when it says fewer remain than this state thinks.
 
-    Requests the upstream counted that this state does not know of (traffic that bypassed
-    the proxy) become slots at `now`, so they hold the window for W from now. `pause` (an
-    upstream 429) fills the window at `now`: no slot before now + W + pad.
+    The upstream's remaining counts are read as they are, on its own limits and interval:
+    `r` left means at most `r` more until its window moves on. When this state would let
+    more than `r` go in the window from `now` (N minus the slots sent in the last W), the
+    difference becomes slots at `now` (traffic that bypassed the proxy), holding the window
+    for W + pad. `pause` (an upstream 429) fills the window at `now`: no slot before
+    now + W + pad. The daily count rises to the limit minus the upstream's remaining.
     """
-    burst_remaining = 0 if counts.pause else counts.burst_remaining
-    daily_remaining = counts.daily_remaining
-    if burst_remaining is not None:
-        sent = sum(1 for slot in state.slots if now - limits.window_s < slot <= now)
-        counted = limits.burst if counts.pause else (limits.burst - max(0, burst_remaining)) - sent
-        unknown = min(limits.burst, counted)
-        if unknown > 0:
-            state.slots.extend([now] * unknown)
-            state.slots.sort()
-            del state.slots[: -limits.burst]
-    if daily_remaining is not None:
+    trim(state, limits, now)
+    if counts.pause:
+        # Slots already reserved from now on count: what is needed is slots[-N] >= now.
+        ahead = len(state.slots) - bisect.bisect_left(state.slots, now)
+        _add_at(state, now, limits.burst - ahead)
+    elif counts.burst_remaining is not None:
+        first = bisect.bisect_right(state.slots, now - limits.window_s)
+        sent = bisect.bisect_right(state.slots, now) - first
+        unknown = min(limits.burst, limits.burst - max(0, counts.burst_remaining) - sent)
+        _add_at(state, now, unknown)
+    if counts.daily_remaining is not None:
         state.roll_day(day)
-        state.day_count = max(state.day_count, limits.daily - max(0, daily_remaining))
+        state.day_count = max(state.day_count, limits.daily - max(0, counts.daily_remaining))
+
+
+def _add_at(state: KeyState, at: float, count: int) -> None:
+    if count > 0:
+        where = bisect.bisect_right(state.slots, at)
+        state.slots[where:where] = [at] * count

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.harness.redis_server import RedisServer
-from proxy.limiter.base import Day, Limiter, Limits, UpstreamCounts
+from proxy.limiter.base import Day, Decision, Limiter, Limits, UpstreamCounts
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.typing import ResourceKey
@@ -134,6 +134,30 @@ async def test_upstream_remaining_higher_than_ours_changes_nothing(make_limiter)
     assert decision.burst_remaining == 0 and decision.daily_remaining == 995
 
 
+async def test_upstream_counts_on_a_longer_interval_hold_nothing_under_both_limits(
+    make_limiter,
+) -> None:
+    """The upstream's remaining count is read on its own limits: 60 left of its 100 per
+    10 s allows more than our whole window of 5, so nothing is held."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    for _ in range(2):
+        await limiter.acquire(KEY, SMALL, TODAY, 0)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(burst_remaining=60, at_once=True))
+    decisions = [await limiter.acquire(KEY, SMALL, TODAY, 0) for _ in range(3)]
+    assert [d.wait_s for d in decisions] == [0, 0, 0]
+
+
+async def test_upstream_remaining_below_our_room_leaves_only_that_many(make_limiter) -> None:
+    """2 left upstream while we would allow 4 more: 2 go now, the next waits a window."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.acquire(KEY, SMALL, TODAY, 0)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(burst_remaining=2, at_once=True))
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(3)]
+    assert waits == pytest.approx([0, 0, 1.1])
+
+
 async def test_upstream_429_pauses_the_key_for_a_window(make_limiter) -> None:
     """After an upstream 429 (remaining 0) no slot comes before now + W + pad."""
     clock = ManualClock()
@@ -165,6 +189,52 @@ async def test_shadow_never_holds_or_refuses_but_says_what_it_would_do(make_limi
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
 
 
+async def test_a_released_slot_goes_to_the_next_request(make_limiter) -> None:
+    """The last queued slot given back (a waiting line passes on its last place) is the
+    next request's."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    one = replace(SMALL, burst=1)
+    await limiter.acquire(KEY, one, TODAY, 30)
+    queued = await limiter.acquire(KEY, one, TODAY, 30)
+    last = await limiter.acquire(KEY, one, TODAY, 30)
+    assert (queued.wait_s, last.wait_s) == pytest.approx((1.1, 2.2))
+    await limiter.release(KEY, one, last)
+    clock.advance(0.5)
+    assert (await limiter.acquire(KEY, one, TODAY, 30)).wait_s == pytest.approx(1.7)
+
+
+async def test_a_release_never_forgets_the_slots_before_it(make_limiter) -> None:
+    """Two sent at 0, a third queued for W + pad and given back: at 0.5 the window still
+    holds the two sent, so the next one waits for W + pad, it does not go at once."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    limits = replace(SMALL, burst=2)
+    for _ in range(2):
+        assert (await limiter.acquire(KEY, limits, TODAY, 30)).wait_s == 0
+    queued = await limiter.acquire(KEY, limits, TODAY, 30)
+    await limiter.release(KEY, limits, queued)
+    clock.advance(0.5)
+    assert (await limiter.acquire(KEY, limits, TODAY, 30)).wait_s == pytest.approx(0.6)
+
+
+async def test_releasing_a_slot_no_longer_kept_changes_nothing(make_limiter) -> None:
+    """A slot whose hold is over (or a refusal, or a shadow decision) has nothing to give."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    first = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    clock.advance(5)
+    await limiter.release(KEY, SMALL, first)
+    for _ in range(5):
+        await limiter.acquire(KEY, SMALL, TODAY, 30)
+    refused = await limiter.acquire(KEY, SMALL, TODAY, 0)
+    shadow = await limiter.acquire(KEY, SMALL, TODAY, 0, shadow=True)
+    assert refused.slot is None and shadow.slot is None
+    await limiter.release(KEY, SMALL, refused)
+    await limiter.release(KEY, SMALL, shadow)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s == pytest.approx(1.1)
+
+
 def reference_admissions(
     arrivals_ms: list[int], burst: int, window_ms: int, pad_ms: int, max_wait_ms: float
 ) -> list[float | None]:
@@ -179,6 +249,33 @@ def reference_admissions(
             sent.append(slot)
             result.append(slot)
     return result
+
+
+def reference_with_releases(
+    steps: list[tuple[int, int | None]], burst: int, window_ms: int, pad_ms: int, max_wait_ms: float
+) -> tuple[list[float | None], list[int]]:
+    """The plain model with callers who leave: every slot kept unless given back.
+
+    A step is (arrival ms, None) for a request, or (time ms, k) for the caller of the k-th
+    (mod how many) admitted request still waiting at that time leaving. Returns each
+    request's slot (None: refused) and the slots finally sent.
+    """
+    kept: list[int] = []
+    result: list[float | None] = []
+    for at, leaver in steps:
+        if leaver is not None:
+            waiting = [slot for slot in kept if slot > at]
+            if waiting:
+                kept.remove(waiting[leaver % len(waiting)])
+            continue
+        ordered = sorted(kept)
+        slot = at if len(ordered) < burst else max(at, ordered[-burst] + window_ms + pad_ms)
+        if slot - at > max_wait_ms:
+            result.append(None)
+        else:
+            kept.append(slot)
+            result.append(slot)
+    return result, kept
 
 
 def max_in_any_window(slots: list[int], window_ms: int) -> int:
@@ -225,8 +322,9 @@ def test_backends_match_the_reference_model(
     arrivals = list(itertools.accumulate(gaps))
     expected = reference_admissions(arrivals, burst, window_ms, pad_ms, max_wait_ms + 0.5)
     limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=pad_ms / 1000, daily=10**9)
+    steps: list[tuple[int, int | None]] = [(arrival, None) for arrival in arrivals]
     got = event_loop_for_hypothesis.run_until_complete(
-        _replay(backend, tmp_path_factory, arrivals, limits, (max_wait_ms + 0.5) / 1000)
+        _replay(backend, tmp_path_factory, steps, limits, (max_wait_ms + 0.5) / 1000)
     )
     # Slots are whole milliseconds; rounding removes float noise from the backends' seconds.
     slots = [None if g is None else round(g) for g in got]
@@ -235,12 +333,59 @@ def test_backends_match_the_reference_model(
     assert max_in_any_window(admitted, window_ms) <= burst
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=300),
+            st.one_of(st.none(), st.none(), st.integers(min_value=0, max_value=50)),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    burst=st.integers(min_value=1, max_value=6),
+    window_ms=st.integers(min_value=50, max_value=1000),
+    pad_ms=st.integers(min_value=0, max_value=50),
+    max_wait_ms=st.integers(min_value=0, max_value=3000),
+)
+def test_backends_match_the_reference_model_when_callers_leave(
+    backend,
+    tmp_path_factory,
+    event_loop_for_hypothesis,
+    steps,
+    burst,
+    window_ms,
+    pad_ms,
+    max_wait_ms,
+) -> None:
+    """With callers leaving while queued (their slots given back), every backend still
+    gives exactly the model's slots, and no window of W ever holds more than N sends."""
+    times = list(itertools.accumulate(gap for gap, _ in steps))
+    timed = [(at, leaver) for at, (_, leaver) in zip(times, steps, strict=True)]
+    expected, sent = reference_with_releases(timed, burst, window_ms, pad_ms, max_wait_ms + 0.5)
+    limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=pad_ms / 1000, daily=10**9)
+    got = event_loop_for_hypothesis.run_until_complete(
+        _replay(backend, tmp_path_factory, timed, limits, (max_wait_ms + 0.5) / 1000)
+    )
+    assert [None if g is None else round(g) for g in got] == expected
+    assert max_in_any_window(sent, window_ms) <= burst
+
+
 _redis_for_property: dict[str, RedisServer] = {}
 
 
 async def _replay(
-    backend: str, tmp_path_factory, arrivals: list[int], limits: Limits, max_wait_s: float
+    backend: str,
+    tmp_path_factory,
+    steps: list[tuple[int, int | None]],
+    limits: Limits,
+    max_wait_s: float,
 ) -> list[float | None]:
+    """Each step's decision on a fresh key: a request's slot in ms (None: refused), or a
+    waiting request's caller leaving (as in `reference_with_releases`)."""
     clock = ManualClock()
     key = ResourceKey("app", "location", f"example-{next(_example_ids)}")
     client = None
@@ -255,11 +400,22 @@ async def _replay(
         limiter = RedisLimiter(client, clock=clock)
     start = clock.now
     slots: list[float | None] = []
+    admitted: list[tuple[float, Decision]] = []
     try:
-        for arrival in arrivals:
-            clock.now = start + arrival / 1000
+        for at, leaver in steps:
+            clock.now = start + at / 1000
+            if leaver is not None:
+                waiting = [(slot, d) for slot, d in admitted if round(slot) > at]
+                if waiting:
+                    left = waiting[leaver % len(waiting)]
+                    admitted.remove(left)
+                    await limiter.release(key, limits, left[1])
+                continue
             decision = await limiter.acquire(key, limits, TODAY, max_wait_s)
-            slots.append((arrival + decision.wait_s * 1000) if decision.admitted else None)
+            slot = (at + decision.wait_s * 1000) if decision.admitted else None
+            slots.append(slot)
+            if slot is not None:
+                admitted.append((slot, decision))
     finally:
         if client is not None:
             await client.aclose()

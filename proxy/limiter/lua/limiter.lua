@@ -1,16 +1,18 @@
 -- The limiter for one key, atomically: the same steps as proxy/limiter/slots.py.
--- KEYS[1]: the key's reserved slot times, a list of integer microseconds, ascending
+-- KEYS[1]: the key's reserved slot times, a list of integer microseconds, ascending: every
+--          slot still inside its hold (W + pad), so always the last N that matter
 -- KEYS[2]: the key's request count for the current limit day
--- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts) or
---          "pause" (an upstream 429: take the whole window from now)
+-- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts), "pause"
+--          (an upstream 429: take the whole window from now) or "release" (give back the
+--          slot in ARGV[7], reserved for a request that will never be sent)
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
--- ARGV[7..8] max_wait_us, shadow ("1" or "0")                        (acquire)
+-- ARGV[7..8] max_wait_us, shadow ("1" or "0")                   (acquire; release: the slot)
 -- ARGV[9..11] upstream burst remaining, daily remaining (-1: none), and how many us ago
 --            the upstream said so; applied before deciding
 -- ARGV[12] when not empty replaces Redis TIME: tests use it to replay arrival times
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
--- burst_reset_us, daily_remaining}; times are relative to Redis TIME, so replicas with
--- skewed clocks agree.
+-- burst_reset_us, daily_remaining, slot_us}; times are relative to Redis TIME, so replicas
+-- with skewed clocks agree (slot_us is the stored value, for a later release).
 local op = ARGV[1]
 local burst = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -29,36 +31,71 @@ if now == nil then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local hold = window + pad
-local pause = op == "pause"
 local day_ttl_ms = math.ceil(day_ends_in / 1000) + 3600000
 
-local function by_number(a, b) return tonumber(a) < tonumber(b) end
+if op == "release" then
+  return redis.call("LREM", KEYS[1], 1, ARGV[7])
+end
 
--- Rewrite the list with `slots` (sorted), keeping the last `burst`.
-local function store(slots)
-  table.sort(slots, by_number)
-  redis.call("DEL", KEYS[1])
-  local from = math.max(1, #slots - burst + 1)
-  for i = from, #slots do redis.call("RPUSH", KEYS[1], slots[i]) end
-  local last = tonumber(slots[#slots])
-  redis.call("PEXPIRE", KEYS[1], math.ceil((last - now + hold) / 1000) + 1000)
+-- Drop the slots whose hold is over: they can no longer share a window with a new one.
+local function trim()
+  while true do
+    local first = redis.call("LINDEX", KEYS[1], 0)
+    if not first or tonumber(first) + hold > now then return end
+    redis.call("LPOP", KEYS[1])
+  end
+end
+
+-- The list lives until its last slot's hold is over (and a second more).
+local function keep_until_last_hold()
+  local last = redis.call("LINDEX", KEYS[1], -1)
+  if last then
+    redis.call("PEXPIRE", KEYS[1], math.ceil((tonumber(last) - now + hold) / 1000) + 1000)
+  end
+end
+
+-- Put `count` slots at `at`, keeping the list in order. Stored as "%d" text, so a release
+-- names a slot by the same digits the acquire answered.
+local function add_at(at, count)
+  if count <= 0 then return end
+  local value = string.format("%d", at)
+  local pivot = nil
+  local last = redis.call("LINDEX", KEYS[1], -1)
+  if last and tonumber(last) > at then
+    -- The first slot later than `at`: rare (after a release or an upstream count).
+    local slots = redis.call("LRANGE", KEYS[1], 0, -1)
+    for i = #slots, 1, -1 do
+      if tonumber(slots[i]) > at then pivot = slots[i] else break end
+    end
+  end
+  for _ = 1, count do
+    if pivot == nil then
+      redis.call("RPUSH", KEYS[1], value)
+    else
+      -- LINSERT finds the first element equal to the pivot: the first one after `at`.
+      redis.call("LINSERT", KEYS[1], "BEFORE", pivot, value)
+    end
+  end
+  keep_until_last_hold()
 end
 
 -- Believe the upstream when it said, at time `at`, that fewer remain than we know of.
 local function observe(at)
-  if seen_burst >= 0 or pause then
+  if op == "pause" then
+    local slots = redis.call("LRANGE", KEYS[1], 0, -1)
+    local ahead = 0
+    for i = #slots, 1, -1 do
+      if tonumber(slots[i]) >= at then ahead = ahead + 1 else break end
+    end
+    add_at(at, burst - ahead)
+  elseif seen_burst >= 0 then
     local slots = redis.call("LRANGE", KEYS[1], 0, -1)
     local sent = 0
     for i = 1, #slots do
       local slot = tonumber(slots[i])
       if slot > at - window and slot <= at then sent = sent + 1 end
     end
-    local unknown = math.min(burst, (burst - seen_burst) - sent)
-    if pause then unknown = burst end
-    if unknown > 0 then
-      for _ = 1, unknown do table.insert(slots, at) end
-      store(slots)
-    end
+    add_at(at, math.min(burst, burst - seen_burst - sent))
   end
   if seen_daily >= 0 then
     local known = daily - seen_daily
@@ -82,43 +119,36 @@ local function burst_view(slots)
   return math.max(0, burst - blocking), reset
 end
 
+trim()
 observe(now - seen_age)
 if op ~= "acquire" then return 1 end
 
 local count = tonumber(redis.call("GET", KEYS[2]) or "0")
-local slots = redis.call("LRANGE", KEYS[1], -burst, -1)
 
-local function answer(admitted, wait, retry_after, limited_by)
-  local remaining, reset = burst_view(slots)
-  return {admitted, wait, retry_after, limited_by, remaining, reset, math.max(0, daily - count)}
+local function answer(admitted, wait, retry_after, limited_by, slot)
+  local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1))
+  return {admitted, wait, retry_after, limited_by, remaining, reset, math.max(0, daily - count),
+          slot}
 end
 
 if count >= daily and not shadow then
-  return answer(0, 0, day_ends_in, "daily")
+  return answer(0, 0, day_ends_in, "daily", -1)
 end
 local slot = now
-if #slots >= burst then
-  slot = math.max(now, tonumber(slots[#slots - burst + 1]) + hold)
+if redis.call("LLEN", KEYS[1]) >= burst then
+  slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -burst)) + hold)
 end
 local wait = slot - now
 if wait > max_wait and not shadow then
-  return answer(0, 0, wait, "burst")
+  return answer(0, 0, wait, "burst", -1)
 end
 
 -- Shadow mode sends at once, so the slot really used is now.
 local used = slot
 if shadow then used = now end
-if #slots == 0 or tonumber(slots[#slots]) <= used then
-  redis.call("RPUSH", KEYS[1], used)
-  redis.call("LTRIM", KEYS[1], -burst, -1)
-  redis.call("PEXPIRE", KEYS[1], math.ceil((used - now + hold) / 1000) + 1000)
-else
-  table.insert(slots, used)
-  store(slots)
-end
+add_at(used, 1)
 count = redis.call("INCR", KEYS[2])
 redis.call("PEXPIRE", KEYS[2], day_ttl_ms)
-slots = redis.call("LRANGE", KEYS[1], -burst, -1)
 
 local limited_by = ""
 if shadow and count > daily then
@@ -126,4 +156,5 @@ if shadow and count > daily then
 elseif shadow and wait > max_wait then
   limited_by = "burst"
 end
-return answer(1, wait, 0, limited_by)
+if shadow then used = -1 end
+return answer(1, wait, 0, limited_by, used)
