@@ -128,9 +128,13 @@ class Admission:
                     "shadow: %s would be held or refused: %s", key.tag, shadow_verdict(decision)
                 )
             return decision
+        held_s = 0.0
         if decision.wait_s > 0:
+            began = time.monotonic()
             decision = await self._hold(key, decision)
-        self._metrics.queue_seconds.observe(decision.wait_s)
+            # Not decision.wait_s: a caller ahead who left may have moved this one up.
+            held_s = time.monotonic() - began
+        self._metrics.queue_seconds.observe(held_s)
         return decision
 
     async def aclose(self) -> None:

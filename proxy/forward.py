@@ -11,6 +11,12 @@ A held body is sent again, taking a new slot each time, when the upstream answer
 - 429 (not processed): once the key's pause is over, if that is within the deadline;
 - 401 `Invalid JWT` to a managed token: once, with a refreshed token;
 - 401 `Command timed out` (an upstream timeout in disguise): once; then 504.
+Nothing else is sent again: a connection that drops before the answer is a 502 (the
+upstream session never resends by itself, see `services.upstream_session`).
+
+Each request's time is split (`Timings`): getting the token, waiting in admission, and
+from each send to the answer's headers. The answer says so in `X-HoopAI-Queue-Ms` (the
+admission part alone) and `Server-Timing`, and so does the access line.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -31,8 +37,15 @@ from proxy.admission import Admission
 from proxy.body import CHUNK_BYTES, RequestBody, read_body, too_large_message
 from proxy.config import Config
 from proxy.credential_paths import refuse_managed_credential_request
-from proxy.errors import BodyTooLarge, RateLimited, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    BodyTooLarge,
+    ProxyError,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.headers import caller_response_headers, upstream_request_headers
+from proxy.limit_answers import SERVER_TIMING, TimedPart, server_timing
 from proxy.limiter.base import Decision
 from proxy.logs import note_for_access_log
 from proxy.metrics import Metrics
@@ -56,6 +69,31 @@ class Outgoing:
     body: RequestBody
 
 
+@dataclass(slots=True)
+class Timings:
+    """Where one request's time went so far: seconds by part, each summed over the
+    request's sends. A part that has not happened yet is absent."""
+
+    clock: Callable[[], float] = time.monotonic
+    spent: dict[TimedPart, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, part: TimedPart) -> Iterator[None]:
+        """Add the time the block takes to `part`, also when it raises."""
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.spent[part] = self.spent.get(part, 0.0) + self.clock() - began
+
+    def access_notes(self) -> dict[str, float]:
+        """The access line's fields: `queue_ms` as X-HoopAI-Queue-Ms says it, the rest to
+        a tenth of a millisecond, as Server-Timing does."""
+        notes = {f"{part}_ms": round(self.spent[part] * 1000, 1) for part in self.spent}
+        notes["queue_ms"] = round(self.spent.get("queue", 0.0) * 1000)
+        return notes
+
+
 class Forwarder:
     """Sends a caller's request to `upstream.base_url` and relays the answer."""
 
@@ -77,6 +115,19 @@ class Forwarder:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
+        timings = Timings()
+        try:
+            return await self._forward(request, started, timings)
+        except ProxyError as error:
+            # The proxy's own answer (a 429, a 502...) says where the time went too.
+            if timings.spent:
+                error.headers[SERVER_TIMING] = server_timing(timings.spent)
+                note_for_access_log(request, **timings.access_notes())
+            raise
+
+    async def _forward(
+        self, request: web.Request, started: float, timings: Timings
+    ) -> web.StreamResponse:
         body = await read_body(
             request,
             replay_bytes=self._config.server.replay_body_bytes,
@@ -98,14 +149,21 @@ class Forwarder:
         )
         if target.passthrough_token is None:
             refuse_managed_credential_request(request.raw_path)
-            await self._use_managed_token(outgoing, target)
+            with timings.timed("token"):
+                await self._use_managed_token(outgoing, target)
         deadline = started + max_wait_s
         # Time spent getting the token counts against the caller's wait.
-        decision = await self._admission.admit(target.key, max(0.0, deadline - time.monotonic()))
+        decision = await self._admit(target, deadline, timings)
         self._refresh_token_after_wait(outgoing, target, decision)
         return await self._send_and_relay(
-            request, outgoing, target, decision, deadline=deadline, started=started
+            request, outgoing, target, decision, deadline=deadline, timings=timings
         )
+
+    async def _admit(self, target: Target, deadline: float, timings: Timings) -> Decision:
+        """A slot for one send, within what is left of the deadline; the time it takes is
+        the request's queue time."""
+        with timings.timed("queue"):
+            return await self._admission.admit(target.key, max(0.0, deadline - time.monotonic()))
 
     def upstream_url(self, request: web.Request) -> URL:
         """The upstream URL: base URL plus the caller's raw path and query, byte for byte."""
@@ -153,17 +211,16 @@ class Forwarder:
         decision: Decision,
         *,
         deadline: float,
-        started: float,
+        timings: Timings,
     ) -> web.StreamResponse:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
-            async with self._send(outgoing) as answer:
+            async with self._send(outgoing, timings) as answer:
                 self._metrics.upstream.labels(str(answer.status)).inc()
                 await self._admission.observe(target.key, answer.status, answer.headers, decision)
-                queued_s = time.monotonic() - started
-                extra = self._admission.answers.answer_headers(decision, queued_s)
+                extra = self._admission.answers.answer_headers(decision, timings.spent)
                 note_for_access_log(
-                    request, queue_ms=round(queued_s * 1000), upstream_status=answer.status
+                    request, upstream_status=answer.status, **timings.access_notes()
                 )
                 if not self._may_resend(answer, outgoing):
                     return await relay_response(request, answer, extra)
@@ -179,15 +236,17 @@ class Forwarder:
             self._metrics.resends.labels(reason).inc()
             if reason == "invalid_jwt":
                 used = outgoing.headers["Authorization"].removeprefix("Bearer ")
-                await self._use_managed_token(outgoing, target, used=used)
+                with timings.timed("token"):
+                    await self._use_managed_token(outgoing, target, used=used)
             try:
-                decision = await self._admission.admit(
-                    target.key, max(0.0, deadline - time.monotonic())
-                )
+                decision = await self._admit(target, deadline, timings)
                 self._refresh_token_after_wait(outgoing, target, decision)
             except RateLimited:
                 log.info("no slot before the deadline to resend %s", target.key.tag)
                 if reason == "rate_limited":
+                    # The look for a slot is queue time too: say it on the answer.
+                    extra = self._admission.answers.answer_headers(decision, timings.spent)
+                    note_for_access_log(request, **timings.access_notes())
                     return buffered_response(answer, body, extra)
                 if reason == "command_timed_out":
                     # It may have run upstream: say timeout, never "not sent" (a 429).
@@ -223,16 +282,22 @@ class Forwarder:
         return buffered_response(answer, body, extra)
 
     @asynccontextmanager
-    async def _send(self, outgoing: Outgoing) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _send(
+        self, outgoing: Outgoing, timings: Timings
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One send upstream, the one place transport failures become the proxy's errors.
+        Its upstream time runs to the answer's headers (or to the failure)."""
         method, url = outgoing.method, outgoing.url
         try:
-            async with self._session.request(
-                method,
-                url,
-                headers=outgoing.headers,
-                data=outgoing.body.payload(),
-                allow_redirects=False,
-            ) as answer:
+            with timings.timed("upstream"):
+                answer = await self._session.request(
+                    method,
+                    url,
+                    headers=outgoing.headers,
+                    data=outgoing.body.payload(),
+                    allow_redirects=False,
+                )
+            async with answer:
                 yield answer
         except TimeoutError as exc:
             # The caller's streamed body failed first (too slow): say so, not blame upstream.
@@ -269,6 +334,16 @@ def resend_reason(status: int, body: bytes) -> ResendReason | None:
     return None
 
 
+def add_proxy_headers(headers: CIMultiDict[str], extra: Mapping[str, str]) -> None:
+    """The proxy's own headers over the upstream's. Server-Timing is a list the upstream
+    may have started: the proxy's entry is added beside its own, never instead of it."""
+    for name, value in extra.items():
+        if name.lower() == SERVER_TIMING.lower():
+            headers.add(name, value)
+        else:
+            headers[name] = value
+
+
 def buffered_response(
     answer: aiohttp.ClientResponse, body: bytes, extra: Mapping[str, str]
 ) -> web.Response:
@@ -276,7 +351,7 @@ def buffered_response(
     response = web.Response(status=answer.status, reason=answer.reason, body=body)
     response.headers.clear()
     response.headers.extend(caller_response_headers(answer.headers))
-    response.headers.update(extra)
+    add_proxy_headers(response.headers, extra)
     return response
 
 
@@ -286,7 +361,7 @@ async def relay_response(
     """Stream the upstream's status, headers and body back to the caller."""
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(caller_response_headers(answer.headers))
-    response.headers.update(extra)
+    add_proxy_headers(response.headers, extra)
     await response.prepare(request)
     try:
         async for chunk in answer.content.iter_chunked(CHUNK_BYTES):

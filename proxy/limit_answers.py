@@ -1,17 +1,20 @@
 """What a limiter decision looks like to a caller: the headers on every forwarded answer,
 and the 429 the proxy gives when it refuses. Pure functions of the limits and a decision.
 
-Every forwarded answer carries `X-HoopAI-Queue-Ms` (time held) and the IETF draft fields
-for the proxy's own view (`RateLimit-Policy`, `RateLimit`); in shadow mode a decision that
-would have held or refused says so in `X-HoopAI-Shadow-Decision`. A refusal carries
-`Retry-After`, the upstream's five `X-RateLimit-*` headers computed from the proxy's state,
-and a message that says when to retry and how to wait longer.
+Every forwarded answer carries `X-HoopAI-Queue-Ms` (time held for a slot, summed over
+resends: never the upstream's time), `Server-Timing` with where the request's time went
+(`queue`, `upstream` and, when the proxy fetched a token, `token`) and the IETF draft
+fields for the proxy's own view (`RateLimit-Policy`, `RateLimit`); in shadow mode a
+decision that would have held or refused says so in `X-HoopAI-Shadow-Decision`. A refusal
+carries `Retry-After`, the upstream's five `X-RateLimit-*` headers computed from the
+proxy's state, and a message that says when to retry and how to wait longer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 from proxy.headers import rate_limit_fields, rate_limit_policy, upstream_style_headers
 from proxy.limiter.base import Decision, Limits
@@ -19,6 +22,22 @@ from proxy.typing import ResourceKey
 
 MAX_WAIT_HEADER = "X-HoopAI-Max-Wait-Ms"
 SHADOW_HEADER = "X-HoopAI-Shadow-Decision"
+QUEUE_HEADER = "X-HoopAI-Queue-Ms"
+SERVER_TIMING = "Server-Timing"
+
+# Where a request's time goes, in the order it goes there: getting the proxy's token,
+# waiting in admission (the limiter's answer and the hold), and from each send to the
+# upstream's answer headers.
+TimedPart = Literal["token", "queue", "upstream"]
+TIMED_PARTS: tuple[TimedPart, ...] = ("token", "queue", "upstream")
+
+
+def server_timing(spent: Mapping[TimedPart, float]) -> str:
+    """The `Server-Timing` value for `spent` (seconds by part, summed over resends), e.g.
+    `queue;dur=0.4, upstream;dur=301.2`. A part not in `spent` did not happen: left out."""
+    return ", ".join(
+        f"{part};dur={spent[part] * 1000:.1f}" for part in TIMED_PARTS if part in spent
+    )
 
 
 def shadow_verdict(decision: Decision) -> str:
@@ -37,10 +56,14 @@ class LimitAnswers:
         self._shadow = shadow
         self._policy = rate_limit_policy(limits)
 
-    def answer_headers(self, decision: Decision, queued_s: float) -> Mapping[str, str]:
-        """Headers added to every forwarded answer: the proxy's view and the time held."""
+    def answer_headers(
+        self, decision: Decision, spent: Mapping[TimedPart, float]
+    ) -> Mapping[str, str]:
+        """Headers added to every forwarded answer: the proxy's view and where the time
+        went (`spent`: seconds by part). `Server-Timing` goes beside the upstream's own."""
         headers = {
-            "X-HoopAI-Queue-Ms": str(round(queued_s * 1000)),
+            QUEUE_HEADER: str(round(spent.get("queue", 0.0) * 1000)),
+            SERVER_TIMING: server_timing(spent),
             "RateLimit-Policy": self._policy,
             "RateLimit": rate_limit_fields(decision),
         }

@@ -3,7 +3,8 @@ that keep other libraries' lines short and free of secrets.
 
 Query strings are never logged (callers put ids and sometimes secrets there), nor any
 header value: the access line carries method, path, status and durations, plus what the
-request path noted on the way (app, resource, caller name, time queued, upstream status).
+request path noted on the way (app, resource, caller name, upstream status, and where the
+time went: `queue_ms` as `X-HoopAI-Queue-Ms` says it, `upstream_ms`, `token_ms`).
 aiohttp's HTTP parser quotes the bytes it refused (a bearer token, `?api_key=`), so a
 record carrying one of its errors keeps only the error's class and status. asyncio reports
 a failing `accept()` (out of descriptors) hundreds of times a second; repeats of one kind

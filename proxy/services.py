@@ -108,6 +108,8 @@ async def open_services(
         admission = Admission(
             limiter, config.limits, config.queue, metrics=metrics, board=board, wall_clock=clock
         )
+        # Slots being given back reach the limiter before it closes.
+        stack.push_async_callback(admission.aclose)
         services = Services(
             config=config,
             metrics=metrics,
@@ -166,18 +168,33 @@ def upstream_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
 
     Bodies pass through untouched (no decompression, no added User-Agent, Accept or
     Content-Type), cookies are never kept, and the timeouts bound every phase except a
-    long body that keeps flowing.
+    long body that keeps flowing. The session never sends a request again by itself:
+    every send takes a limiter slot, so any resend is the forwarder's decision.
     """
+    # aiohttp resends an idempotent request (GET, PUT, DELETE...) once by itself when the
+    # connection drops before the answer's headers (RFC 9112 9.3.1). Each resend is one
+    # more request the upstream counts that no limiter slot paid for (30% drops sent 1.3
+    # GETs per slot), and a request the upstream may already have run. aiohttp has no
+    # public switch, only this attribute (its own test client turns it off the same way);
+    # if an upgrade drops it, refuse to start rather than resend silently.
+    if "_retry_connection" not in aiohttp.ClientSession.ATTRS:
+        raise RuntimeError(
+            f"aiohttp {aiohttp.__version__} has no ClientSession._retry_connection: the "
+            "proxy cannot turn off its hidden resend of dropped requests; see "
+            "proxy/services.py upstream_session"
+        )
     timeout = aiohttp.ClientTimeout(
         total=None,
         connect=upstream.timeout_s,
         sock_connect=upstream.connect_timeout_s,
         sock_read=upstream.timeout_s,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=upstream.max_connections),
         timeout=timeout,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
+    session._retry_connection = False
+    return session

@@ -25,12 +25,17 @@ _RESERVED_PREFIXES = ("/oauth/", "/_sim/")
 _AGENCY_ONLY_PREFIX = "/companies/"
 
 
-def drop_connection(request: web.Request) -> web.StreamResponse:
-    """Close the connection without a byte of answer.
+async def drop_connection(request: web.Request) -> web.StreamResponse:
+    """Read the whole request, then close the connection without a byte of answer.
 
-    The returned response is never sent: aiohttp fails to write it to the closed
-    transport, treats that as a client disconnect and ends the connection quietly.
+    This is the ambiguous failure a client cannot tell from "processed, answer lost": the
+    request went out in full, so a client that resends it on its own (aiohttp does, for an
+    idempotent method) sends it twice. The returned response is never sent: aiohttp fails
+    to write it to the closed transport, treats that as a client disconnect and ends the
+    connection quietly.
     """
+    async for _ in request.content.iter_any():
+        pass  # read and forget: a dropped request's body is never kept
     transport = request.transport
     if transport is not None:
         transport.close()
@@ -62,10 +67,10 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
     if request.path.startswith(_RESERVED_PREFIXES):
         return error_response(404, f"Cannot {request.method} {request.path}", error="Not Found")
     sim = request.app[SIMULATOR]
-    sim.counters.requests += 1
+    sim.counters.arrived(request.method)
     if sim.dice.roll(sim.faults.drop_ratio):
-        sim.counters.dropped += 1
-        return drop_connection(request)
+        sim.counters.dropped_one(request.method)
+        return await drop_connection(request)
     if sim.faults.latency_ms > 0:
         await asyncio.sleep(sim.faults.latency_ms / 1000)
     if "Version" not in request.headers:

@@ -35,9 +35,7 @@ def pattern_bytes(offset: int, size: int) -> bytes:
 def _count(request: web.Request) -> None:
     # Probes stand in for upstream API calls in forwarding tests, so they count as
     # requests that reached the upstream.
-    counters = request.app[SIMULATOR].counters
-    counters.requests += 1
-    counters.probe_requests += 1
+    request.app[SIMULATOR].counters.arrived(request.method, probe=True)
 
 
 def _int_query(request: web.Request, name: str, *, high: int) -> int:

@@ -23,16 +23,23 @@ class Stats:
 
     ``requests`` counts every request that reached the fake API: the generic endpoint and
     the ``/_sim/`` probes (echo, download, slow, headers), not OAuth or control calls;
-    ``probe_requests`` is the probes' share. ``rate_limited`` counts every 429 the generic
-    endpoint answered, ``forced_429`` the subset forced by the fault.
+    ``probe_requests`` is the probes' share and ``requests_by_method`` splits ``requests``
+    by HTTP method. ``dropped`` counts the connections the ``drop_ratio`` fault closed
+    without an answer (each one also counted in ``requests``), ``dropped_by_method`` the
+    same by method. ``rate_limited`` counts every 429 the generic endpoint answered,
+    ``forced_429`` the subset forced by the fault.
     ``location_token_requests`` counts every call to ``/oauth/locationToken``, refused or
     not; ``location_tokens_minted`` the ones that handed out a token.
     ``token_requests`` counts every call to ``/oauth/token`` once its form has arrived,
     before any accept delay (a test can kill a client whose call is surely received).
+    ``oauth_in_flight`` is how many calls to ``/oauth/token`` and ``/oauth/locationToken``
+    are being answered now (arrived, answer not yet returned), ``max_oauth_in_flight`` the
+    most at any moment: what a client's cap on concurrent token calls is checked against.
     """
 
     requests: int = 0
     probe_requests: int = 0
+    requests_by_method: dict[str, int] = field(default_factory=dict)
     admitted: int = 0
     rate_limited: int = 0
     forced_429: int = 0
@@ -47,10 +54,25 @@ class Stats:
     location_token_requests: int = 0
     location_tokens_minted: int = 0
     token_requests: int = 0
+    oauth_in_flight: int = 0
+    max_oauth_in_flight: int = 0
     dropped: int = 0
+    dropped_by_method: dict[str, int] = field(default_factory=dict)
     faults_5xx: int = 0
     command_timeouts: int = 0
     per_resource: dict[str, ResourceStats] = field(default_factory=dict)
+
+    def arrived(self, method: str, *, probe: bool = False) -> None:
+        """Count one request that reached the fake API (``probe``: a ``/_sim/`` probe)."""
+        self.requests += 1
+        if probe:
+            self.probe_requests += 1
+        self.requests_by_method[method] = self.requests_by_method.get(method, 0) + 1
+
+    def dropped_one(self, method: str) -> None:
+        """Count one connection closed by the ``drop_ratio`` fault."""
+        self.dropped += 1
+        self.dropped_by_method[method] = self.dropped_by_method.get(method, 0) + 1
 
     def resource(self, key: str) -> ResourceStats:
         """The counters of one resource, created on first use."""

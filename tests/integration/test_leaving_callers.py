@@ -15,8 +15,8 @@ import pytest
 
 from proxy.server import RunningServer
 from proxy.services import SERVICES
-from tests.integration.test_limits_proxy import call, decisions, until_decided
 from tests.conftest import SIM_CLIENT_ID
+from tests.integration.test_limits_proxy import call, decisions, until_decided
 
 LOCATION = "leavingLoc01"
 RESOURCE = f"{SIM_CLIENT_ID.split('-', 1)[0]}:location:{LOCATION}"
@@ -42,7 +42,11 @@ async def queue_in_order(
 
 
 async def until_given_back(proxy: RunningServer, count: int) -> None:
-    while given_back(proxy) < count:
+    """Return once the proxy has seen `count` callers leave (it learns of each hang-up on
+    its own loop) and given their places back."""
+    while True:
+        if given_back(proxy) >= count:
+            return
         await asyncio.sleep(0.005)
 
 
