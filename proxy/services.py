@@ -160,7 +160,9 @@ def choose_limiter(config: Config, client: RedisClient | None) -> Limiter:
         return MemoryLimiter(max_keys=max_keys)
     share = config.store.expected_replicas if config.store.on_redis_error == "local" else None
     shared = RedisLimiter(client, max_keys=max_keys)
-    return FallbackLimiter(shared, local_share=share, max_keys=max_keys)
+    queue = config.queue
+    max_queue_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
+    return FallbackLimiter(shared, local_share=share, max_keys=max_keys, max_queue_s=max_queue_s)
 
 
 def upstream_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:

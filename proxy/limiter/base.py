@@ -53,6 +53,8 @@ class Decision:
     reserved send time on the backend's own clock, which `Limiter.release` takes to give
     it back (None when nothing was reserved: a refusal, or shadow mode); `local` marks a
     decision the fallback made in process while the shared limiter was down.
+    `queue_end_s` is how far from now the key's latest reserved slot lies (any replica's,
+    as the backend knew it): the fallback's measure of the queue it may not overlap.
     """
 
     admitted: bool
@@ -65,6 +67,7 @@ class Decision:
     daily_reset_s: float
     slot: float | None = None
     local: bool = False
+    queue_end_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

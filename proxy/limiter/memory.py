@@ -121,6 +121,13 @@ class MemoryLimiter:
         if state is not None:
             slots.observe(state, limits, day, now, counts)
 
+    async def fill_until(self, key: ResourceKey, limits: Limits, day: Day, in_s: float) -> None:
+        """Make the key's window full `in_s` from now: no slot before then + W + pad."""
+        now = self._clock()
+        state = self._state(key, limits, day, now)
+        if state is not None:
+            slots.fill(state, limits, now, now + in_s)
+
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         state = self._live.get(key)
         if state is not None and decision.slot is not None:

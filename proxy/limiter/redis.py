@@ -83,7 +83,9 @@ class RedisLimiter:
     ) -> Decision:
         seen = self._seen.pop(key, None)
         reply = await self._call("acquire", key, limits, day, _us(max_wait_s), shadow, seen)
-        admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot = reply
+        admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot, end = (
+            reply
+        )
         return Decision(
             admitted=bool(admitted),
             wait_s=int(wait) / US,
@@ -94,7 +96,16 @@ class RedisLimiter:
             daily_remaining=int(daily_remaining),
             daily_reset_s=day.ends_in_s,
             slot=None if int(slot) < 0 else int(slot),
+            queue_end_s=int(end) / US,
         )
+
+    async def fill_until(self, key: ResourceKey, limits: Limits, day: Day, in_s: float) -> None:
+        """Make the key's window full `in_s` from now (Redis TIME): no slot before then +
+        W + pad, for every replica. Filling twice at one time adds nothing."""
+        at = _Seen(
+            burst_remaining=0, daily_remaining=NOT_SEEN, day_id=day.id, at=self._now() + in_s
+        )
+        await self._call("pause", key, limits, day, 0, False, at)
 
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         if decision.slot is None:
@@ -161,7 +172,8 @@ class RedisLimiter:
             "1" if shadow else "0",
             NOT_SEEN if seen is None else seen.burst_remaining,
             NOT_SEEN if seen is None or seen.day_id != day.id else seen.daily_remaining,
-            0 if seen is None else max(0, _us(self._now() - seen.at)),
+            # A count said in the past, or (a fill) a time still to come: negative.
+            0 if seen is None else _us(self._now() - seen.at),
         ]
         if self._clock is not None:
             args.append(_us(self._clock()))

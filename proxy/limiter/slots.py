@@ -85,6 +85,7 @@ def decide(
         daily_remaining=max(0, limits.daily - state.day_count),
         daily_reset_s=day.ends_in_s,
         slot=None if shadow else used,
+        queue_end_s=state.slots[-1] - now,
     )
 
 
@@ -112,6 +113,7 @@ def refusal(
         burst_reset_s=reset,
         daily_remaining=max(0, limits.daily - state.day_count),
         daily_reset_s=day.ends_in_s,
+        queue_end_s=(state.slots[-1] - now) if state.slots else 0.0,
     )
 
 
@@ -141,12 +143,10 @@ def observe(
     for W + pad. `pause` (an upstream 429) fills the window at `now`: no slot before
     now + W + pad. The daily count rises to the limit minus the upstream's remaining.
     """
-    trim(state, limits, now)
     if counts.pause:
-        # Slots already reserved from now on count: what is needed is slots[-N] >= now.
-        ahead = len(state.slots) - bisect.bisect_left(state.slots, now)
-        _add_at(state, now, limits.burst - ahead)
+        fill(state, limits, now, now)
     elif counts.burst_remaining is not None:
+        trim(state, limits, now)
         first = bisect.bisect_right(state.slots, now - limits.window_s)
         sent = bisect.bisect_right(state.slots, now) - first
         unknown = min(limits.burst, limits.burst - max(0, counts.burst_remaining) - sent)
@@ -154,6 +154,17 @@ def observe(
     if counts.daily_remaining is not None:
         state.roll_day(day)
         state.day_count = max(state.day_count, limits.daily - max(0, counts.daily_remaining))
+
+
+def fill(state: KeyState, limits: Limits, now: float, at: float) -> None:
+    """Make the window full at `at` (now or later): no new slot before at + W + pad.
+
+    Slots already reserved from `at` on count, since what is needed is slots[-N] >= at;
+    so filling twice at one time adds nothing the second time.
+    """
+    trim(state, limits, now)
+    ahead = len(state.slots) - bisect.bisect_left(state.slots, at)
+    _add_at(state, at, limits.burst - ahead)
 
 
 def _add_at(state: KeyState, at: float, count: int) -> None:

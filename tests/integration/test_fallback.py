@@ -14,11 +14,12 @@ from proxy.config import LimitsConfig, QueueConfig, StoreConfig
 from proxy.errors import LimiterUnavailable
 from proxy.harness.redis_server import RedisServer
 from proxy.http_errors import status_and_code
-from proxy.limiter.fallback import FallbackLimiter
+from proxy.limiter.fallback import RECOVERY_SKEW_S, FallbackLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.metrics import Metrics
 from proxy.redis_client import open_redis
 from proxy.status import StatusBoard
+from proxy.typing import ResourceKey
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
 
 
@@ -32,23 +33,73 @@ async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 async def test_local_share_while_down_then_back_to_redis(
     redis_server: RedisServer, client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis down: decisions use 1/expected_replicas of the burst, logged once; Redis back:
-    decisions are shared again, logged once."""
+    """Redis down: the local window starts full at the failure, then allows
+    1/expected_replicas of the burst, logged once; Redis back: decisions are shared again,
+    logged once, after a fill that outlasts the other replicas' local sends."""
     caplog.set_level(logging.WARNING, logger="proxy.limiter.fallback")
-    retry_clock = ManualClock()
-    limiter = FallbackLimiter(RedisLimiter(client), local_share=5, clock=retry_clock)
+    clock = ManualClock()
+    limiter = FallbackLimiter(RedisLimiter(client), local_share=5, clock=clock)
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).burst_remaining == 4  # shared: 5
     redis_server.stop(kill=True)
-    local = [await limiter.acquire(KEY, SMALL, TODAY, 0) for _ in range(3)]
-    assert [d.admitted for d in local] == [True, False, False]  # 5 // 5 = 1 per window
+    first = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert not first.admitted and first.retry_after_s == pytest.approx(1.1)
     assert limiter.degraded
+    clock.advance(1.1001)
+    local = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(2)]
+    assert [d.admitted for d in local] == [True, False]  # 5 // 5 = 1 per window
+    assert local[0].local and local[1].retry_after_s > 0  # refused, never queued
     redis_server.start()
-    retry_clock.advance(1.5)
-    back = await limiter.acquire(KEY, SMALL, TODAY, 0)
-    assert back.admitted and not limiter.degraded
+    clock.advance(1.5)
+    back = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert back.admitted and not limiter.degraded and not back.local
+    # Other replicas may decide locally for RECOVERY_SKEW_S more: nothing shared before
+    # that plus a window.
+    assert back.wait_s == pytest.approx(RECOVERY_SKEW_S + 1.1, abs=0.1)
     messages = [record.getMessage() for record in caplog.records]
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("reachable again" in m for m in messages) == 1
+
+
+async def test_a_key_seen_queued_waits_out_the_longest_queue_before_local_sends(
+    redis_server: RedisServer, client
+) -> None:
+    """Requests queued in Redis before it failed are still sent on every replica: a key
+    this replica saw queued gets no local slot until the longest wait plus a window."""
+    clock = ManualClock()
+    limiter = FallbackLimiter(RedisLimiter(client), local_share=1, clock=clock, max_queue_s=5)
+    decisions = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(6)]
+    assert decisions[-1].wait_s > 0  # the shared queue is not empty
+    other = ResourceKey(KEY.app, "location", "never-queued")
+    await limiter.acquire(other, SMALL, TODAY, 30)
+    redis_server.stop(kill=True)
+    queued_key = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert not queued_key.admitted and queued_key.retry_after_s == pytest.approx(5 + 1.1)
+    unqueued_key = await limiter.acquire(other, SMALL, TODAY, 30)
+    assert not unqueued_key.admitted and unqueued_key.retry_after_s == pytest.approx(1.1)
+    clock.advance(5 + 1.1001)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
+
+
+async def test_the_fill_after_an_outage_holds_every_replica(
+    redis_server: RedisServer, client
+) -> None:
+    """The replica that comes back first fills the key's window in Redis, so a replica
+    that never noticed the outage cannot decide into the others' local sends either; and
+    Redis restarted empty has lost its queue, which the fill also covers."""
+    clock = ManualClock()
+    first = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock)
+    untouched = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock)
+    await first.acquire(KEY, SMALL, TODAY, 0)
+    redis_server.stop(kill=True)
+    await first.acquire(KEY, SMALL, TODAY, 0)
+    assert first.degraded
+    redis_server.start()
+    clock.advance(1.5)
+    assert (await first.acquire(KEY, SMALL, TODAY, 30)).admitted and not first.degraded
+    held = await untouched.acquire(KEY, SMALL, TODAY, 30)
+    assert held.wait_s == pytest.approx(RECOVERY_SKEW_S + 1.1, abs=0.1)
+    refused = await untouched.acquire(KEY, SMALL, TODAY, 0)
+    assert not refused.admitted
 
 
 async def test_reject_while_down(redis_server: RedisServer, client) -> None:

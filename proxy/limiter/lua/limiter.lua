@@ -8,11 +8,13 @@
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
 -- ARGV[7..8] max_wait_us, shadow ("1" or "0")                   (acquire; release: the slot)
 -- ARGV[9..11] upstream burst remaining, daily remaining (-1: none), and how many us ago
---            the upstream said so; applied before deciding
+--            the upstream said so; applied before deciding. For "pause", ARGV[11] < 0
+--            fills the window at that many us from now (the fallback's recovery floor)
 -- ARGV[12] when not empty replaces Redis TIME: tests use it to replay arrival times
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
--- burst_reset_us, daily_remaining, slot_us}; times are relative to Redis TIME, so replicas
--- with skewed clocks agree (slot_us is the stored value, for a later release).
+-- burst_reset_us, daily_remaining, slot_us, queue_end_us}; times are relative to Redis
+-- TIME, so replicas with skewed clocks agree (slot_us is the stored value, for a later
+-- release; queue_end_us how far from now the key's latest slot lies).
 local op = ARGV[1]
 local burst = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -127,8 +129,11 @@ local count = tonumber(redis.call("GET", KEYS[2]) or "0")
 
 local function answer(admitted, wait, retry_after, limited_by, slot)
   local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1))
+  local last = redis.call("LINDEX", KEYS[1], -1)
+  local queue_end = 0
+  if last then queue_end = tonumber(last) - now end
   return {admitted, wait, retry_after, limited_by, remaining, reset, math.max(0, daily - count),
-          slot}
+          slot, queue_end}
 end
 
 if count >= daily and not shadow then
