@@ -309,6 +309,10 @@ class TokensConfig:
     # Refresh tokens die after a year unused; refresh any older than this.
     refresh_token_max_age_days: int = field(default=300, metadata=_rule(_POSITIVE))
     keepalive_interval_s: float = field(default=60.0, metadata=_rule(_seconds))
+    # Token endpoint calls (refreshes, location-token mints) one process makes at once. A
+    # process killed mid-refresh loses the installs whose refresh it had sent: at most this
+    # many. Keep-alive uses at most half, so requests always find a free one.
+    max_concurrent_refreshes: int = field(default=4, metadata=_rule(_POSITIVE))
     authorize_url: str = field(
         default="https://marketplace.gohighlevel.com/oauth/chooselocation",
         metadata=_rule(_redirect_uri),

@@ -8,7 +8,8 @@ answer is then lost: a test can kill a client mid-refresh and see the old token 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from aiohttp import web
 
@@ -47,6 +48,18 @@ async def read_form(request: web.Request) -> dict[str, str]:
         if snake not in fields and camel in fields:
             fields[snake] = fields[camel]
     return fields
+
+
+@contextmanager
+def _answering(sim: Simulator) -> Iterator[None]:
+    """Count one OAuth call in flight until its answer is returned (or it is cancelled)."""
+    counters = sim.counters  # a reset meanwhile must not make the new counters negative
+    counters.oauth_in_flight += 1
+    counters.max_oauth_in_flight = max(counters.max_oauth_in_flight, counters.oauth_in_flight)
+    try:
+        yield
+    finally:
+        counters.oauth_in_flight -= 1
 
 
 async def _token_latency(sim: Simulator) -> None:
@@ -120,13 +133,14 @@ def token_answer(sim: Simulator, form: Mapping[str, str]) -> web.Response:
 
 async def token_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
-    form = await read_form(request)
-    sim.counters.token_requests += 1
-    if sim.faults.token_accept_delay_ms > 0:
-        await asyncio.sleep(sim.faults.token_accept_delay_ms / 1000)
-    answer = token_answer(sim, form)
-    await _token_latency(sim)
-    return answer
+    with _answering(sim):
+        form = await read_form(request)
+        sim.counters.token_requests += 1
+        if sim.faults.token_accept_delay_ms > 0:
+            await asyncio.sleep(sim.faults.token_accept_delay_ms / 1000)
+        answer = token_answer(sim, form)
+        await _token_latency(sim)
+        return answer
 
 
 def _company_install(sim: Simulator, request: web.Request) -> Install | web.Response:
@@ -167,14 +181,17 @@ def location_token_answer(
 
 async def location_token_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
-    sim.counters.location_token_requests += 1
-    company = _company_install(sim, request)
-    form = await read_form(request)
-    answer = (
-        company if isinstance(company, web.Response) else location_token_answer(sim, company, form)
-    )
-    await _token_latency(sim)
-    return answer
+    with _answering(sim):
+        sim.counters.location_token_requests += 1
+        company = _company_install(sim, request)
+        form = await read_form(request)
+        answer = (
+            company
+            if isinstance(company, web.Response)
+            else location_token_answer(sim, company, form)
+        )
+        await _token_latency(sim)
+        return answer
 
 
 def installed_locations_answer(

@@ -16,7 +16,14 @@ of its own, under a Company install that approves it, gets a token minted from t
 Company token (single-flight too); a Company token refused there as `Invalid JWT` is
 refreshed and the mint tried once more. A location nothing could mint for is remembered
 for `MISSING_TTL_S` (at most `MAX_MISSING` of them, the oldest forgotten first), so asking
-again costs no store scan and no upstream call; an install of it forgets that at once.
+again costs no store lookup and no upstream call; an install of it forgets that at once.
+
+At most `tokens.max_concurrent_refreshes` token endpoint calls run at once in a process.
+Between the upstream rotating a refresh token and the new pair being stored, a killed
+process loses the install, so the cap is the most a kill can cost. A refresh takes its
+slot before the store's lock, so time spent waiting for a slot never shortens the lock's;
+a mint takes one around its call only (it may first need the Company token refreshed,
+which takes a slot of its own, and a mint cut short spends nothing).
 The whole lifecycle is in docs/architecture.md, "Tokens"; the one window that cannot be
 recovered, in "What cannot be recovered".
 """
@@ -28,6 +35,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import replace
 
 from proxy.config import AppConfig, TokensConfig
@@ -81,6 +89,7 @@ class TokenManager:
         self._clock = clock
         self._cache: dict[ResourceKey, TokenRecord] = {}
         self._inflight: dict[ResourceKey, asyncio.Task[TokenRecord]] = {}
+        self._slots = asyncio.Semaphore(config.max_concurrent_refreshes)  # token endpoint calls
         # (app id, location id) -> until when minting for it is known to fail
         self._missing: OrderedDict[tuple[str, str], float] = OrderedDict()
 
@@ -209,8 +218,9 @@ class TokenManager:
         self, app: AppConfig, stale: TokenRecord, *, force: bool = False
     ) -> TokenRecord:
         """Refresh `stale` under the store's lock, or wait for whoever holds it."""
-        deadline = self._clock() + self._config.refresh_lock_ttl_s * 2
+        ttl = self._config.refresh_lock_ttl_s
         name = f"refresh:{stale.tag}"
+        waiting_since: float | None = None
         while True:
             current = await self._store.get(stale.app, stale.kind, stale.id)
             if current is None:
@@ -218,20 +228,30 @@ class TokenManager:
             _refuse_dead(current, app)
             if current.version != stale.version or (not force and self._fresh(current)):
                 return current  # someone else refreshed it
-            locked_at = time.monotonic()
-            owner = await self._store.acquire_lock(name, self._config.refresh_lock_ttl_s)
-            if owner is not None:
-                self._holding.add(stale.key)
-                try:
-                    return await self._refresh_holding_lock(app, stale, locked_at)
-                finally:
-                    self._holding.discard(stale.key)
-                    await self._release(name, owner)
-            if self._clock() > deadline:
+            # The slot before the lock: the lock's time (start_by) starts once both are ours.
+            async with self._slot_for(current):
+                locked_at = time.monotonic()
+                owner = await self._store.acquire_lock(name, ttl)
+                if owner is not None:
+                    self._holding.add(stale.key)
+                    try:
+                        return await self._refresh_holding_lock(app, stale, locked_at)
+                    finally:
+                        self._holding.discard(stale.key)
+                        await self._release(name, owner)
+            # Another process holds the lock: wait for it without holding a slot.
+            waiting_since = self._clock() if waiting_since is None else waiting_since
+            if self._clock() - waiting_since > ttl * 2:
                 raise TokenUnavailable(
                     f"Waited too long for another process to refresh {stale.tag}; retry"
                 )
             await asyncio.sleep(WAIT_POLL_S)
+
+    def _slot_for(self, record: TokenRecord) -> AbstractAsyncContextManager[object]:
+        """A token endpoint slot for refreshing `record`. A record without a refresh token
+        is minted again instead, and `_location_grant` takes the slot around that call
+        alone: holding one here while it gets the Company's token could deadlock."""
+        return self._slots if record.refresh_token else nullcontext()
 
     async def _release(self, name: str, owner: str) -> None:
         """Release a lock; if the store is down it expires by itself, and what was stored
@@ -365,11 +385,13 @@ class TokenManager:
         (revoked, or expired before its time) is refreshed and the mint tried once more."""
         company_token = await self.access_token(app, "company", company_id)
         try:
-            return await self._oauth.location_token(company_token, company_id, location_id)
+            async with self._slots:
+                return await self._oauth.location_token(company_token, company_id, location_id)
         except InvalidJwt:
             log.info("company %s token refused while minting; refreshing it", company_id)
         company_token = await self.after_invalid_jwt(app, "company", company_id, company_token)
-        return await self._oauth.location_token(company_token, company_id, location_id)
+        async with self._slots:
+            return await self._oauth.location_token(company_token, company_id, location_id)
 
     def _known_missing(self, app_id: str, location_id: str) -> bool:
         until = self._missing.get((app_id, location_id))
@@ -387,16 +409,10 @@ class TokenManager:
             self._missing.popitem(last=False)
 
     async def _approving_companies(self, app: AppConfig, location_id: str) -> list[TokenRecord]:
-        companies = [
-            record
-            for record in await self._store.list()
-            if record.app == app.app_id
-            and record.kind == "company"
-            and record.status != NEEDS_REAUTH
-        ]
-        listed = [c for c in companies if location_id in c.approved_locations]
-        open_ended = [c for c in companies if not c.approved_locations]
-        return listed + open_ended
+        """The live Companies that may mint for the location, those that list it first
+        (an index lookup in the store: its cost does not grow with the store)."""
+        companies = await self._store.companies_approving(app.app_id, location_id)
+        return [company for company in companies if company.status != NEEDS_REAUTH]
 
 
 def _read_outcome(task: asyncio.Task[TokenRecord]) -> None:

@@ -6,6 +6,9 @@ Keys:
     hoopai:lock:{name}           string: the owner of a lock (SET NX PX)
     hoopai:claim:{name}          string: a once-only claim (SET NX PX)
     hoopai:tokens                set: the tags `app:kind:id` of every record, for list()
+    hoopai:approvers:{app:location:id}  set: ids of the app's Companies approving that location
+    hoopai:open-companies:{app}  set: ids of the app's Companies that approve no location
+    hoopai:approvals-indexed     string: set once the Companies stored before the sets are in them
 
 A record's hash is tagged `{app:kind:id}`, as the limiter tags that resource's keys. No
 script touches two keys, so on a Redis Cluster records spread over every slot; the index
@@ -17,6 +20,18 @@ record); removing a tag re-checks the record and puts the tag back if the record
 So the index lists every live record, plus at worst a few tags whose record is gone,
 which list() skips and prunes.
 
+The Company index (`companies_approving`, for minting Location tokens) is kept the same
+way and for the same reason: a Company's approvals name locations in other slots than
+its record, so no script could write both. Every Company write adds the record's id to
+the set of each location it approves (or to the open set) before its script and again
+after it succeeds; a set may therefore name a Company that no longer approves that
+location (a failed write, a shrunk list, a delete), never miss one that does. The reader
+reads the named records and believes only them; a stale member is removed, then the
+record read again and the member put back if it approves after all (a write may have
+landed in between). Records stored before the index existed are indexed once, by the
+first reader that finds no `hoopai:approvals-indexed` (one pass over the `:company:`
+tags of `hoopai:tokens`).
+
 A record's two tokens are stored sealed by the store's `Sealer` (in clear without a key);
 every other field, the version above all, stays plain for the scripts. Redis errors are
 translated here, at one boundary, into `TokenStoreUnavailable`; nothing above this module
@@ -25,6 +40,7 @@ sees a redis-py type.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -48,6 +64,7 @@ from proxy.typing import resource_kind, token_status
 logger = logging.getLogger(__name__)
 
 INDEX_KEY = "hoopai:tokens"
+APPROVALS_INDEXED_KEY = "hoopai:approvals-indexed"
 LIST_BATCH = 200  # records read per pipeline round trip in list()
 RESEAL_ATTEMPTS = 5  # reads of a record that keeps changing while it is sealed again
 
@@ -55,6 +72,16 @@ RESEAL_ATTEMPTS = 5  # reads of a record that keeps changing while it is sealed 
 def record_key(tag: str) -> str:
     """The hash of the record whose tag is `app:kind:id`."""
     return f"hoopai:token:{{{tag}}}"
+
+
+def approvers_key(app: str, location_id: str) -> str:
+    """The set of the app's Companies that list `location_id` (tagged as its record)."""
+    return f"hoopai:approvers:{{{app}:location:{location_id}}}"
+
+
+def open_companies_key(app: str) -> str:
+    """The set of the app's Companies whose `approved_locations` is empty."""
+    return f"hoopai:open-companies:{{{app}}}"
 
 
 def lock_key(name: str) -> str:
@@ -77,6 +104,8 @@ class RedisTokenStore:
         self._reseal = self._script(client, "reseal.lua")
         # redis-py's own compare-and-delete, as its Lock releases: only the owner may.
         self._release = client.register_script(Lock.LUA_RELEASE_SCRIPT)
+        self._approvals_indexed = False  # seen APPROVALS_INDEXED_KEY (or wrote it)
+        self._backfilling = asyncio.Lock()
 
     @staticmethod
     def _script(client: Redis | RedisCluster, name: str) -> AsyncScript:
@@ -92,26 +121,54 @@ class RedisTokenStore:
         with _translated():
             if record.version == 1:
                 await self._index(record.tag)
+            await self._approve(record.app, record.kind, record.id, record.approved_locations)
             sealed = _encode(self._sealer.seal_record(record))
             stored = await self._cas(keys=[record_key(record.tag)], args=[record.version, *sealed])
             if stored:
                 await self._index(record.tag)
+                await self._approve(record.app, record.kind, record.id, record.approved_locations)
         return bool(stored)
 
     async def replace(self, record: TokenRecord) -> TokenRecord:
         with _translated():
             await self._index(record.tag)
+            await self._approve(record.app, record.kind, record.id, record.approved_locations)
             sealed = _encode(self._sealer.seal_record(record))
             version = await self._replace(keys=[record_key(record.tag)], args=sealed)
             await self._index(record.tag)
+            await self._approve(record.app, record.kind, record.id, record.approved_locations)
         return replace(record, version=int(version))
 
     async def delete(self, app: str, kind: str, id: str) -> bool:
         tag = f"{app}:{kind}:{id}"
         with _translated():
+            approved = None
+            if kind == "company":
+                approved = await self._client.hget(record_key(tag), "approved_locations")
             removed = await self._client.delete(record_key(tag))
             await self._unindex(tag)
+            if approved is not None:
+                await self._unapprove(_approval_keys(app, json.loads(_text(approved))), app, id)
         return bool(removed)
+
+    async def companies_approving(self, app: str, location_id: str) -> list[TokenRecord]:
+        """Read the two sets, then the records they name; only a record that approves
+        counts (the sets may name more: see the module docstring)."""
+        with _translated():
+            await self._index_older_companies()
+            listed_key, open_key = approvers_key(app, location_id), open_companies_key(app)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smembers(listed_key)
+            pipe.smembers(open_key)
+            listed_ids, open_ids = (sorted(map(_text, ids)) for ids in await pipe.execute())
+            found = await self._read_companies(app, [*listed_ids, *open_ids])
+            listed = [found[id] for id in listed_ids if _approves(found.get(id), location_id)]
+            open_ended = [found[id] for id in open_ids if _approves(found.get(id), None)]
+            sets = ((listed_key, listed_ids, listed), (open_key, open_ids, open_ended))
+            for key, ids, good in sets:
+                for stale in set(ids) - {record.id for record in good}:
+                    await self._unapprove([key], app, stale)
+        return listed + open_ended
 
     async def list(self) -> list[TokenRecord]:
         with _translated():
@@ -178,6 +235,68 @@ class RedisTokenStore:
                 await self._unindex(tag)
         return found
 
+    async def _read_companies(self, app: str, ids: Sequence[str]) -> dict[str, TokenRecord]:
+        """The app's Company records of `ids` that exist, by id."""
+        pipe = self._client.pipeline(transaction=False)
+        for id in ids:
+            pipe.hgetall(record_key(f"{app}:company:{id}"))
+        return {
+            id: self._sealer.open_record(_decode(stored))
+            for id, stored in zip(ids, await pipe.execute(), strict=True)
+            if stored
+        }
+
+    async def _approve(
+        self, app: str, kind: str, id: str, approved_locations: Sequence[str]
+    ) -> None:
+        """Name a Company in the sets of the locations it approves (or the open set)."""
+        if kind == "company":
+            await self._add_member(_approval_keys(app, approved_locations), id)
+
+    async def _add_member(self, keys: Sequence[str], id: str) -> None:
+        if not keys:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.sadd(key, id)
+        await pipe.execute()
+
+    async def _unapprove(self, keys: Sequence[str], app: str, id: str) -> None:
+        """Drop a Company from approval sets, then put it back in those its record
+        (read after the drop) belongs in: a write landing meanwhile must not be unlisted."""
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.srem(key, id)
+        await pipe.execute()
+        stored = await self._client.hget(record_key(f"{app}:company:{id}"), "approved_locations")
+        if stored is not None:
+            belongs = set(_approval_keys(app, json.loads(_text(stored))))
+            await self._add_member([key for key in keys if key in belongs], id)
+
+    async def _index_older_companies(self) -> None:
+        """Once per store (and once per process, after that): index the Companies written
+        before the approval sets existed, found through the `hoopai:tokens` index."""
+        if self._approvals_indexed:
+            return
+        async with self._backfilling:
+            if self._approvals_indexed or await self._client.exists(APPROVALS_INDEXED_KEY):
+                self._approvals_indexed = True
+                return
+            tags = [_text(tag) for tag in await self._client.smembers(INDEX_KEY)]
+            companies = [tag for tag in tags if ":company:" in tag]
+            fields = ("app", "kind", "id", "approved_locations")
+            for start in range(0, len(companies), LIST_BATCH):
+                pipe = self._client.pipeline(transaction=False)
+                for tag in companies[start : start + LIST_BATCH]:
+                    pipe.hmget(record_key(tag), fields)
+                for app, kind, id, approved in await pipe.execute():
+                    if approved is not None:
+                        approved_locations = tuple(json.loads(_text(approved)))
+                        await self._approve(_text(app), _text(kind), _text(id), approved_locations)
+            await self._client.set(APPROVALS_INDEXED_KEY, "1")
+            logger.info("indexed %d Company record(s) written before the index", len(companies))
+            self._approvals_indexed = True
+
     async def _index(self, tag: str) -> None:
         await self._client.sadd(INDEX_KEY, tag)
 
@@ -197,6 +316,22 @@ def _translated() -> Iterator[None]:
     except (RedisError, OSError) as exc:
         logger.warning("Redis token store error: %s: %s", type(exc).__name__, exc)
         raise TokenStoreUnavailable(f"Redis token store unavailable: {type(exc).__name__}") from exc
+
+
+def _approval_keys(app: str, approved_locations: Sequence[str]) -> list[str]:
+    """The approval sets a Company with these `approved_locations` belongs in."""
+    if not approved_locations:
+        return [open_companies_key(app)]
+    return [approvers_key(app, location) for location in approved_locations]
+
+
+def _approves(record: TokenRecord | None, location_id: str | None) -> bool:
+    """Whether `record` is a Company listing `location_id` (None: listing no location)."""
+    if record is None or record.kind != "company":
+        return False
+    if location_id is None:
+        return not record.approved_locations
+    return location_id in record.approved_locations
 
 
 def _encode(record: TokenRecord) -> list[str]:

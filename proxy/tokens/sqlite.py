@@ -9,6 +9,11 @@ each call runs in a worker thread, on the store's one connection, one call at a 
 The store migrates its own schema with `PRAGMA user_version`: MIGRATIONS[n] takes a file
 from version n to n + 1, so a later version appends a step.
 
+Company records are indexed by the locations they approve: a row of `approvals` per
+(app, approved location, company), written in the transaction that writes the record, and
+a partial index on the Companies that approve none. Minting a Location token reads those,
+never the whole table. Schema 2 added them, filled from the records already there.
+
 The two tokens of a record are stored sealed by the store's `Sealer` (in clear without a
 key); everything else stays plain. SQLite and file errors are translated here, at one
 boundary, into `TokenStoreUnavailable`.
@@ -46,6 +51,10 @@ BUSY_TIMEOUT_S = 10.0  # longer than any one transaction of another process take
 PRIVATE = 0o600  # the file holds refresh tokens: its owner's alone
 SIDECARS = ("-wal", "-shm", "-journal")
 
+# Literal, not bound: SQLite uses a partial index only for a query that repeats its terms.
+NO_LOCATIONS = "[]"  # approved_locations as stored when it lists none
+OPEN_COMPANY = f"kind = 'company' AND approved_locations = '{NO_LOCATIONS}'"
+
 MIGRATIONS: list[tuple[str, ...]] = [
     (
         """CREATE TABLE tokens (
@@ -69,6 +78,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE TABLE locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL)",
         "CREATE TABLE claims (name TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
     ),
+    (
+        """CREATE TABLE approvals (
+            app TEXT NOT NULL,
+            location_id TEXT NOT NULL,
+            company_id TEXT NOT NULL,
+            PRIMARY KEY (app, location_id, company_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX approvals_by_company ON approvals (app, company_id)",
+        f"CREATE INDEX open_companies ON tokens (app, id) WHERE {OPEN_COMPANY}",
+        """INSERT OR IGNORE INTO approvals (app, location_id, company_id)
+            SELECT tokens.app, approved.value, tokens.id
+            FROM tokens, json_each(tokens.approved_locations) AS approved
+            WHERE tokens.kind = 'company'""",
+    ),
 ]
 
 FIELDS = (
@@ -91,6 +114,16 @@ FIELDS = (
 COLUMNS = ", ".join(FIELDS)
 PLACEHOLDERS = ", ".join("?" for _ in FIELDS)
 WHERE_KEY = "WHERE app = ? AND kind = ? AND id = ?"
+# One statement, so one snapshot: a Company rewritten meanwhile is found once or not at all.
+# Without statistics the planner would walk every Company of the app for the second part.
+COMPANIES_APPROVING = f"""
+    SELECT 0 AS listed_last, {COLUMNS} FROM tokens
+    WHERE app = ? AND kind = 'company' AND id IN
+        (SELECT company_id FROM approvals WHERE app = ? AND location_id = ?)
+    UNION ALL
+    SELECT 1 AS listed_last, {COLUMNS} FROM tokens INDEXED BY open_companies
+    WHERE app = ? AND {OPEN_COMPANY}
+    ORDER BY listed_last, id"""
 
 
 class SqliteTokenStore:
@@ -142,6 +175,9 @@ class SqliteTokenStore:
 
     async def list(self) -> list[TokenRecord]:
         return await self._run(self._list)
+
+    async def companies_approving(self, app: str, location_id: str) -> builtins.list[TokenRecord]:
+        return await self._run(self._companies_approving, app, location_id)
 
     async def reseal(self, app: str, kind: str, id: str) -> bool:
         """Seal the record's tokens with the first key, keeping its version, unless they
@@ -216,24 +252,33 @@ class SqliteTokenStore:
 
     def _compare_and_set(self, record: TokenRecord) -> bool:
         with _immediate(self._conn) as db:
-            if _stored_version(db, record) != record.version - 1:
+            version, approved = _stored(db, record)
+            if version != record.version - 1:
                 return False
-            _write(db, self._sealer.seal_record(record))
+            _write(db, self._sealer.seal_record(record), approved)
             return True
 
     def _replace(self, record: TokenRecord) -> TokenRecord:
         with _immediate(self._conn) as db:
-            stored = replace(record, version=_stored_version(db, record) + 1)
-            _write(db, self._sealer.seal_record(stored))
+            version, approved = _stored(db, record)
+            stored = replace(record, version=version + 1)
+            _write(db, self._sealer.seal_record(stored), approved)
             return stored
 
     def _delete(self, app: str, kind: str, id: str) -> bool:
-        deleted = self._conn.execute(f"DELETE FROM tokens {WHERE_KEY}", (app, kind, id))
-        return deleted.rowcount == 1
+        with _immediate(self._conn) as db:
+            deleted = db.execute(f"DELETE FROM tokens {WHERE_KEY}", (app, kind, id))
+            if kind == "company":
+                db.execute("DELETE FROM approvals WHERE app = ? AND company_id = ?", (app, id))
+            return deleted.rowcount == 1
 
     def _list(self) -> builtins.list[TokenRecord]:
         rows = self._conn.execute(f"SELECT {COLUMNS} FROM tokens")
         return [self._sealer.open_record(_decode(row)) for row in rows]
+
+    def _companies_approving(self, app: str, location_id: str) -> builtins.list[TokenRecord]:
+        rows = self._conn.execute(COMPANIES_APPROVING, (app, app, location_id, app))
+        return [self._sealer.open_record(_decode(row[1:])) for row in rows]
 
     def _reseal(self, app: str, kind: str, id: str) -> bool:
         key, tag = (app, kind, id), f"{app}:{kind}:{id}"
@@ -327,14 +372,20 @@ def _tighten_sidecars(path: Path) -> None:
             os.chmod(sidecar, PRIVATE)
 
 
-def _stored_version(db: sqlite3.Connection, record: TokenRecord) -> int:
+def _stored(db: sqlite3.Connection, record: TokenRecord) -> tuple[int, str | None]:
+    """The stored version of `record`'s key (0 if none) and its approved_locations as
+    stored (None if none)."""
     found = db.execute(
-        f"SELECT version FROM tokens {WHERE_KEY}", (record.app, record.kind, record.id)
+        f"SELECT version, approved_locations FROM tokens {WHERE_KEY}",
+        (record.app, record.kind, record.id),
     ).fetchone()
-    return 0 if found is None else int(found[0])
+    return (0, None) if found is None else (int(found[0]), str(found[1]))
 
 
-def _write(db: sqlite3.Connection, record: TokenRecord) -> None:
+def _write(db: sqlite3.Connection, record: TokenRecord, approved_before: str | None) -> None:
+    """Write the record and, for a Company whose approvals changed, its `approvals` rows,
+    inside the caller's transaction."""
+    approved = json.dumps(list(record.approved_locations))
     db.execute(
         f"INSERT OR REPLACE INTO tokens ({COLUMNS}) VALUES ({PLACEHOLDERS})",
         (
@@ -350,10 +401,17 @@ def _write(db: sqlite3.Connection, record: TokenRecord) -> None:
             record.company_id,
             record.location_id,
             record.user_id,
-            json.dumps(list(record.approved_locations)),
+            approved,
             record.version,
             record.status,
         ),
+    )
+    if record.kind != "company" or approved == approved_before:
+        return
+    db.execute("DELETE FROM approvals WHERE app = ? AND company_id = ?", (record.app, record.id))
+    db.executemany(
+        "INSERT OR IGNORE INTO approvals (app, location_id, company_id) VALUES (?, ?, ?)",
+        ((record.app, location, record.id) for location in record.approved_locations),
     )
 
 

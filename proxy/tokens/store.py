@@ -4,11 +4,14 @@ Refresh tokens rotate: the upstream invalidates a refresh token the moment it an
 refresh with a new one. So a record is only ever replaced by compare-and-set on its
 `version` (the writer proves it read the version it replaces), and a refresh happens
 under a lock that every replica (and every worker process) honours. Two backends:
-SQLite (embedded default) and Redis (shared); both migrate their own schema.
+SQLite (embedded default) and Redis (shared); both migrate their own schema, and both
+index Company records by the locations they approve, so minting a Location token never
+reads the whole store.
 """
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +79,13 @@ class TokenStore(Protocol):
 
     async def list(self) -> list[TokenRecord]:
         """Every record, in no particular order."""
+        ...
+
+    async def companies_approving(self, app: str, location_id: str) -> builtins.list[TokenRecord]:
+        """The app's Company records that may mint a token for `location_id`: first those
+        whose `approved_locations` lists it, then those that list no location at all,
+        each group ordered by id; whatever their status. Read through an index kept with
+        every write, so the cost follows the records found, not the size of the store."""
         ...
 
     async def acquire_lock(self, name: str, ttl_s: float) -> str | None:

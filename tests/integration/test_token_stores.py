@@ -29,7 +29,7 @@ from proxy.harness.redis_server import RedisServer
 from proxy.limiter.redis import redis_keys
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import RedisTokenStore
-from proxy.tokens.sqlite import SqliteTokenStore
+from proxy.tokens.sqlite import MIGRATIONS, SqliteTokenStore
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
 from tests.support.limiters import TODAY
 from tests.support.redis_cluster import RedisCluster
@@ -259,8 +259,8 @@ async def test_sqlite_tightens_a_loose_existing_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
-async def test_sqlite_is_wal_full_sync_schema_1(tmp_path: Path) -> None:
-    """The file is in WAL mode at schema version 1, and the store syncs FULL."""
+async def test_sqlite_is_wal_full_sync_latest_schema(tmp_path: Path) -> None:
+    """The file is in WAL mode at the latest schema version, and the store syncs FULL."""
     path = tmp_path / "tokens.db"
     store = await SqliteTokenStore.open(path)
     try:
@@ -270,7 +270,7 @@ async def test_sqlite_is_wal_full_sync_schema_1(tmp_path: Path) -> None:
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
 
 

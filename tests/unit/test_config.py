@@ -117,6 +117,7 @@ def test_defaults_when_only_apps_given() -> None:
             "refresh_lock_ttl_s": 90.0,
             "refresh_token_max_age_days": 300,
             "keepalive_interval_s": 60.0,
+            "max_concurrent_refreshes": 4,
             "authorize_url": "https://marketplace.gohighlevel.com/oauth/chooselocation",
             "accept_unsolicited_installs": False,
         },
