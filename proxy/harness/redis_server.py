@@ -1,12 +1,17 @@
 """A real `redis-server` for tests, on a unix socket or a free TCP port, torn down after.
 
 Never a shared fixed port and never a fake: the limiter and token store are tested
-against the server they run on in production.
+against the server they run on in production. The faults a fault test needs are real
+too: `kill` (SIGKILL) and `start` again, empty, on the same address, so clients reconnect
+to where they were; `pause` (SIGSTOP), where connections open but nothing answers, and
+`resume` (SIGCONT), after which the server may first run commands that waited in its
+sockets while it was stopped.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -44,6 +49,7 @@ class RedisServer:
     extra_args: tuple[str, ...] = ()
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    paused: bool = False
 
     @property
     def socket_path(self) -> Path:
@@ -73,6 +79,7 @@ class RedisServer:
         flags = [part for option in options.items() for part in option]
         args = [redis_server_binary(), *flags, *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.paused = False
         self._wait_ready(timeout_s)
         return self
 
@@ -88,25 +95,53 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer within {timeout_s}s: {self._log_tail()}")
 
     def ping(self) -> bool:
-        """True when the server answers PING on its unix socket."""
+        """True when the server answers PING on its unix socket (False while paused)."""
+        return self._command(b"PING").startswith(b"+PONG")
+
+    def _command(self, line: bytes) -> bytes:
+        """One inline command's raw answer, or b"" when none came within half a second."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(0.5)
                 sock.connect(str(self.socket_path))
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(line + b"\r\n")
+                return sock.recv(64)
         except OSError:
-            return False
+            return b""
+
+    def kill(self) -> None:
+        """SIGKILL, as `kill -9` does: no shutdown, nothing saved. `start` brings it back
+        empty on the same address."""
+        self.stop(kill=True)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its sockets but answers nothing until `resume`."""
+        self._signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT: the server goes on, with its data, first reading whatever its clients
+        sent meanwhile (commands of clients that gave up on it may still run)."""
+        self._signal(signal.SIGCONT)
+        self.paused = False
+
+    def _signal(self, signum: int) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("redis-server is not running")
+        self.process.send_signal(signum)
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server: SIGTERM (or SIGKILL with `kill`), and wait for it to exit."""
         if self.process is None or self.process.poll() is not None:
             return
+        if self.paused and not kill:
+            self.resume()  # a stopped process would hold SIGTERM until it is continued
         if kill:
             self.process.kill()
         else:
             self.process.terminate()
         self.process.wait(timeout=10)
+        self.paused = False
         if self.process.stderr is not None:
             self.process.stderr.close()
 

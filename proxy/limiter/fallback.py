@@ -6,23 +6,25 @@
 pause, and the proxy goes back to it by itself. The switch each way is logged once.
 
 A blip must not overshoot the upstream, so both hand-overs are pessimistic:
-- **Going local.** Slots reserved in Redis before it failed are still being sent (queued
-  requests on every replica). A key whose shared queue was not empty when this replica
-  last decided for it may by now be queued as far as any request may wait
-  (`queue.max_wait_ms`) beyond the failure; a key seen without a queue is taken to have
-  none. Its local window starts full at that point, so the first local send comes a
-  window after the last reserved one. Local decisions never queue: a slot that is not
-  free now is refused with Retry-After, so no local send is pending when Redis returns.
-- **Going back.** Redis knows nothing of the local sends, and may have restarted empty.
-  The other replicas keep deciding locally until their own next probe, at most
-  `RECOVERY_SKEW_S` later. So each key's first decision after the return first fills
-  its window at max(return + RECOVERY_SKEW_S, the queue's projected end): no shared slot
-  comes before every local send and every reservation Redis may have lost is a window old.
+- **Going local.** Redis took no decision after the first call that failed was sent (it
+  would have answered that call), but slots it gave before are still being sent, queued
+  on every replica. So a key's local window starts full at that moment, or, for a key
+  this replica last saw queued in Redis, as far past it as any request may wait
+  (`QueueEnds`); the first local send comes a window (W + pad) later. A local request
+  waits at most that long (`local_wait_s`), so local sends end that long after the return.
+- **Going back.** Redis knows nothing of the local sends and may have restarted empty;
+  the other replicas keep deciding locally until their own next probe, at most
+  `RECOVERY_SKEW_S` later, and send what they queued for one more window. So before a
+  key's first decision after the return (`_resume_in_redis`), its window in Redis is
+  filled at the failure (or the end of a possible queue) as it was locally, this
+  replica's local slots are written there, and until the others are surely done with
+  local sends, decisions in Redis, every replica's, leave the others' share of every
+  window free (a per-key marker the script honours). Whatever is decided in Redis then,
+  and whatever the others still send locally, no window holds more than the limit.
 
-The price is a pause of about `RECOVERY_SKEW_S` + W after each outage (longer for keys
-that were queued), in return for no upstream 429s. The guarantee assumes that a key this
-replica saw without a queue did not start queueing at other replicas in the moments
-before the failure (docs/architecture.md, "Fallback").
+The guarantee assumes that a key this replica saw without a queue did not start queueing
+at the other replicas in the moments before the failure (docs/architecture.md,
+"Fallback").
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ class SharedLimiter(Limiter, Protocol):
         """Make the key's window full `in_s` from now: no slot before then + W + pad."""
         ...
 
+    async def resume(
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        own_in_s: tuple[float, ...],
+        others: int,
+        for_s: float,
+    ) -> None:
+        """Add the slots this replica took while Redis was away (seconds from now), and
+        for `for_s` leave `others` slots of every window free (RedisLimiter.resume)."""
+        ...
+
 
 class QueueEnds:
     """Which keys had a shared queue when this replica last decided for them."""
@@ -65,8 +79,8 @@ class QueueEnds:
         # In the order seen; only keys whose latest slot lay ahead (a queue) are kept.
         self._queued: OrderedDict[ResourceKey, None] = OrderedDict()
 
-    def saw(self, key: ResourceKey, queue_end_s: float) -> None:
-        if queue_end_s <= 0:
+    def saw(self, key: ResourceKey, decision: Decision) -> None:
+        if decision.queue_end_s <= 0:
             self._queued.pop(key, None)
             return
         self._queued[key] = None
@@ -111,7 +125,7 @@ class FallbackLimiter:
         self._down_since: float | None = None  # the outage in progress, or the last one
         self._back_at: float | None = None  # when Redis last came back
         self._seeded: set[ResourceKey] = set()  # keys whose local window was filled
-        self._floored: set[ResourceKey] = set()  # keys filled in Redis since it came back
+        self._resumed: set[ResourceKey] = set()  # keys Redis was told of the outage
 
     @property
     def degraded(self) -> bool:
@@ -121,21 +135,23 @@ class FallbackLimiter:
         self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
         if not self._skip_shared():
+            asked_at = self._clock()
             try:
-                await self._floor_after_outage(key, limits, day)
+                await self._resume_in_redis(key, limits, day)
                 decision = await self._shared.acquire(key, limits, day, max_wait_s, shadow=shadow)
             except LimiterUnavailable as exc:
-                self._went_down(exc)
+                self._went_down(exc, asked_at)
             else:
                 self._came_back()
-                self._ends.saw(key, decision.queue_end_s)
+                self._ends.saw(key, decision)
                 return decision
         if self._share is None:
             raise LimiterUnavailable(
                 "The shared rate limiter (Redis) is unavailable and store.on_redis_error is "
                 "'reject'; retry shortly"
             )
-        return await self._acquire_locally(key, limits.scaled(self._share), day, shadow)
+        share = limits.scaled(self._share)
+        return await self._acquire_locally(key, share, day, max_wait_s, shadow)
 
     async def observe(
         self,
@@ -171,30 +187,42 @@ class FallbackLimiter:
         await self._local.close()
 
     async def _acquire_locally(
-        self, key: ResourceKey, share: Limits, day: Day, shadow: bool
+        self, key: ResourceKey, share: Limits, day: Day, max_wait_s: float, shadow: bool
     ) -> Decision:
-        """A local decision that never queues (see the module docstring), on a window that
-        starts full at the end of the shared queue this replica last saw for the key."""
+        """A local decision, waiting at most a window, on a window that starts with what
+        this replica knew of the shared one (see the module docstring)."""
         if key not in self._seeded:
             _remember(self._seeded, key, self._max_keys)
-            start = self._ends.latest_slot(key, self._down_since or self._clock())
-            await self._local.fill_until(key, share, day, start - self._clock())
-        decision = await self._local.acquire(key, share, day, 0.0, shadow=shadow)
+            await self._start_local_window(key, share, day)
+        wait_s = min(max_wait_s, local_wait_s(share))
+        decision = await self._local.acquire(key, share, day, wait_s, shadow=shadow)
         return dataclasses.replace(decision, local=True)
 
-    async def _floor_after_outage(self, key: ResourceKey, limits: Limits, day: Day) -> None:
-        """After an outage, fill the key's window in Redis before its first decision
-        there (see the module docstring). A probe while degraded does this first, so a
-        probe that succeeds has floored its key before deciding."""
+    async def _start_local_window(self, key: ResourceKey, share: Limits, day: Day) -> None:
+        failed_at = self._down_since if self._down_since is not None else self._clock()
+        start = self._ends.latest_slot(key, failed_at)
+        await self._local.fill_until(key, share, day, start - self._clock())
+
+    async def _resume_in_redis(self, key: ResourceKey, limits: Limits, day: Day) -> None:
+        """After an outage, before the key's first decision in Redis: what Redis must know
+        of the outage (see the module docstring). A probe while degraded does this first,
+        so a probe that succeeds has resumed its key before deciding."""
         now = self._clock()
         back = now if self.degraded else self._back_at
-        if back is None or key in self._floored or self._down_since is None:
+        if back is None or key in self._resumed or self._down_since is None:
             return
-        until = max(back + self._recovery_skew_s, self._ends.latest_slot(key, self._down_since))
-        if until + limits.window_s + limits.pad_s <= now:
-            return  # long past: nothing from the outage can share a window with `now`
-        await self._shared.fill_until(key, limits, day, until - now)
-        _remember(self._floored, key, self._max_keys)
+        # A restarted Redis lost the slots taken before the failure (and any queue).
+        latest = self._ends.latest_slot(key, self._down_since)
+        if latest + limits.window_s + limits.pad_s > now:
+            await self._shared.fill_until(key, limits, day, latest - now)
+        # The others may decide locally until their next probe, and send for one more hold.
+        local_until = back + self._recovery_skew_s + local_wait_s(limits)
+        replicas = self._share or 1
+        others = limits.scaled(replicas).burst * (replicas - 1) if self._share else 0
+        own = self._local.slots_from_now(key, limits.scaled(replicas)) if self._share else ()
+        if own or (others and local_until > now):
+            await self._shared.resume(key, limits, own, others, local_until - now)
+        _remember(self._resumed, key, self._max_keys)
 
     def _skip_shared(self) -> bool:
         """While down, try the shared limiter again only every `retry_after_s`, and with
@@ -207,7 +235,9 @@ class FallbackLimiter:
         self._down_until = now + self._retry_after_s  # this caller probes; others wait
         return False
 
-    def _went_down(self, exc: LimiterUnavailable) -> None:
+    def _went_down(self, exc: LimiterUnavailable, asked_at: float | None = None) -> None:
+        """`asked_at`: when the failed call was sent. Redis took no decision after it (it
+        would have answered ours), so a window full from then covers every shared slot."""
         now = self._clock()
         if self._down_until is None:
             action = (
@@ -216,9 +246,9 @@ class FallbackLimiter:
                 else "refusing requests with 503"
             )
             log.warning("shared limiter unavailable (%s): %s", exc.message, action)
-            self._down_since, self._back_at = now, None
+            self._down_since, self._back_at = now if asked_at is None else asked_at, None
             self._seeded.clear()
-            self._floored.clear()
+            self._resumed.clear()
         self._down_until = now + self._retry_after_s
 
     def _came_back(self) -> None:
@@ -228,9 +258,15 @@ class FallbackLimiter:
             self._back_at = self._clock()
 
 
+def local_wait_s(limits: Limits) -> float:
+    """The longest a local decision may wait: one window and its pad, so the local sends
+    of a replica end that long after it goes back to Redis."""
+    return limits.window_s + limits.pad_s
+
+
 def _remember(keys: set[ResourceKey], key: ResourceKey, max_keys: int) -> None:
-    """Add `key`, starting afresh past `max_keys`: forgetting only repeats a fill, and a
-    fill at the same time adds nothing, so the set's bound costs no safety."""
+    """Add `key`, starting afresh past `max_keys`: forgetting only repeats a fill or a
+    write of slots, which can only count more, so the set's bound costs no safety."""
     if len(keys) >= max_keys:
         keys.clear()
     keys.add(key)

@@ -128,6 +128,15 @@ class MemoryLimiter:
         if state is not None:
             slots.fill(state, limits, now, now + in_s)
 
+    def slots_from_now(self, key: ResourceKey, limits: Limits) -> tuple[float, ...]:
+        """The key's slots still in their hold, as seconds from now (negative: past)."""
+        state = self._live.get(key)
+        if state is None:
+            return ()
+        now = self._clock()
+        slots.trim(state, limits, now)
+        return tuple(slot - now for slot in state.slots)
+
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         state = self._live.get(key)
         if state is not None and decision.slot is not None:

@@ -42,9 +42,10 @@ _ANY_DAY = Day(id="release", ends_in_s=0.0)
 
 
 def redis_keys(key: ResourceKey, day: Day) -> list[str]:
-    """The slots list and today's counter of `key`, sharing one cluster hash slot."""
+    """The slots list, today's counter and the after-outage marker of `key`, sharing one
+    cluster hash slot."""
     base = f"{KEY_PREFIX}:{{{key.tag}}}"
-    return [f"{base}:burst", f"{base}:day:{day.id}"]
+    return [f"{base}:burst", f"{base}:day:{day.id}", f"{base}:transition"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,23 @@ class RedisLimiter:
         )
         await self._call("pause", key, limits, day, 0, False, at)
 
+    async def resume(
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        own_in_s: tuple[float, ...],
+        others: int,
+        for_s: float,
+    ) -> None:
+        """After an outage, before the key's next decision: add the slots this replica
+        took while Redis was away (`own_in_s`, seconds from now), and for `for_s` leave
+        `others` slots of every window to the replicas still deciding locally (every
+        replica's decisions in Redis honour it)."""
+        extra = [str(_us(at)) for at in own_in_s]
+        await self._call(
+            "resume", key, limits, _ANY_DAY, _us(for_s), False, None, others=others, extra=extra
+        )
+
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         if decision.slot is None:
             return
@@ -159,8 +177,12 @@ class RedisLimiter:
         max_wait_or_slot_us: int,
         shadow: bool,
         seen: _Seen | None,
+        *,
+        others: int = 0,
+        extra: list[str] | None = None,
     ) -> Any:
-        """ARGV[7] is the longest wait for `acquire`, the slot given back for `release`."""
+        """ARGV[7] is the longest wait for `acquire`, the slot given back for `release`,
+        how long for `resume` (whose ARGV[8] is `others` and ARGV[13..] `extra`)."""
         args: list[int | str] = [
             op,
             limits.burst,
@@ -169,14 +191,15 @@ class RedisLimiter:
             limits.daily,
             _us(day.ends_in_s),
             max_wait_or_slot_us,
-            "1" if shadow else "0",
+            str(others) if op == "resume" else ("1" if shadow else "0"),
             NOT_SEEN if seen is None else seen.burst_remaining,
             NOT_SEEN if seen is None or seen.day_id != day.id else seen.daily_remaining,
             # A count said in the past, or (a fill) a time still to come: negative.
             0 if seen is None else _us(self._now() - seen.at),
         ]
-        if self._clock is not None:
-            args.append(_us(self._clock()))
+        if self._clock is not None or extra:
+            args.append("" if self._clock is None else _us(self._clock()))
+        args.extend(extra or ())
         try:
             return await self._script(keys=redis_keys(key, day), args=args)
         except (RedisError, OSError) as exc:

@@ -150,7 +150,7 @@ def observe(
         first = bisect.bisect_right(state.slots, now - limits.window_s)
         sent = bisect.bisect_right(state.slots, now) - first
         unknown = min(limits.burst, limits.burst - max(0, counts.burst_remaining) - sent)
-        _add_at(state, now, unknown)
+        add_at(state, now, unknown)
     if counts.daily_remaining is not None:
         state.roll_day(day)
         state.day_count = max(state.day_count, limits.daily - max(0, counts.daily_remaining))
@@ -164,10 +164,11 @@ def fill(state: KeyState, limits: Limits, now: float, at: float) -> None:
     """
     trim(state, limits, now)
     ahead = len(state.slots) - bisect.bisect_left(state.slots, at)
-    _add_at(state, at, limits.burst - ahead)
+    add_at(state, at, limits.burst - ahead)
 
 
-def _add_at(state: KeyState, at: float, count: int) -> None:
+def add_at(state: KeyState, at: float, count: int) -> None:
+    """Put `count` slots at `at`, in order."""
     if count > 0:
         where = bisect.bisect_right(state.slots, at)
         state.slots[where:where] = [at] * count

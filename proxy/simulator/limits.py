@@ -44,6 +44,7 @@ class LimitView:
 class _Window:
     recent: deque[float] = field(default_factory=deque)
     history: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    refusals: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
     fixed_index: int = -1
     fixed_count: int = 0
     day: int = -1
@@ -75,6 +76,10 @@ class LimitBook:
         window.day_count += 1
         window.max_in_window = max(window.max_in_window, len(window.recent))
 
+    def refuse(self, resource: str, now: float) -> None:
+        """Record one request for ``resource`` refused over its limits at ``now``."""
+        self._window(resource, now).refusals.append(now)
+
     def view(self, resource: str, now: float) -> LimitView:
         window = self._window(resource, now)
         config = self._config
@@ -94,6 +99,11 @@ class LimitBook:
         """The admitted times of ``resource``, oldest first (the last 100k)."""
         window = self._windows.get(resource)
         return [] if window is None else list(window.history)
+
+    def refused_times(self, resource: str) -> list[float]:
+        """When requests of ``resource`` were refused over its limits, oldest first."""
+        window = self._windows.get(resource)
+        return [] if window is None else list(window.refusals)
 
     def clear(self) -> None:
         self._windows.clear()

@@ -125,6 +125,7 @@ class Simulator:
         counters.requests += 1
         if not self.limits.allows(resource, now):
             verdict = Verdict.LIMITED
+            self.limits.refuse(resource, now)
         elif self.faults.force_429 > 0:
             # Forced 429s come after the limit check and, like real ones, consume nothing.
             self.faults.force_429 -= 1
@@ -144,6 +145,10 @@ class Simulator:
     def admitted_times(self, resource: str) -> list[float]:
         """Admitted request times of one resource (the last 100k), oldest first."""
         return self.limits.admitted_times(resource)
+
+    def refused_times(self, resource: str) -> list[float]:
+        """When requests of one resource were refused over its limits (the last 100k)."""
+        return self.limits.refused_times(resource)
 
     # -- control -------------------------------------------------------------------------
 

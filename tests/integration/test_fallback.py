@@ -14,7 +14,7 @@ from proxy.config import LimitsConfig, QueueConfig, StoreConfig
 from proxy.errors import LimiterUnavailable
 from proxy.harness.redis_server import RedisServer
 from proxy.http_errors import status_and_code
-from proxy.limiter.fallback import RECOVERY_SKEW_S, FallbackLimiter
+from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.metrics import Metrics
 from proxy.redis_client import open_redis
@@ -33,28 +33,25 @@ async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 async def test_local_share_while_down_then_back_to_redis(
     redis_server: RedisServer, client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis down: the local window starts full at the failure, then allows
-    1/expected_replicas of the burst, logged once; Redis back: decisions are shared again,
-    logged once, after a fill that outlasts the other replicas' local sends."""
+    """Redis down: decisions use 1/expected_replicas of the burst, counting this replica's
+    own shared slots, and wait at most a window; logged once. Redis back: the local slots
+    are written there first, and the others' share stays free; logged once."""
     caplog.set_level(logging.WARNING, logger="proxy.limiter.fallback")
     clock = ManualClock()
     limiter = FallbackLimiter(RedisLimiter(client), local_share=5, clock=clock)
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).burst_remaining == 4  # shared: 5
     redis_server.stop(kill=True)
-    first = await limiter.acquire(KEY, SMALL, TODAY, 30)
-    assert not first.admitted and first.retry_after_s == pytest.approx(1.1)
-    assert limiter.degraded
-    clock.advance(1.1001)
     local = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(2)]
-    assert [d.admitted for d in local] == [True, False]  # 5 // 5 = 1 per window
-    assert local[0].local and local[1].retry_after_s > 0  # refused, never queued
+    # 5 // 5 = 1 per window, and the shared slot taken just before is this replica's.
+    assert local[0].admitted and local[0].local and local[0].wait_s == pytest.approx(1.1)
+    assert not local[1].admitted and local[1].retry_after_s == pytest.approx(2.2)
+    assert limiter.degraded
     redis_server.start()
     clock.advance(1.5)
     back = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert back.admitted and not limiter.degraded and not back.local
-    # Other replicas may decide locally for RECOVERY_SKEW_S more: nothing shared before
-    # that plus a window.
-    assert back.wait_s == pytest.approx(RECOVERY_SKEW_S + 1.1, abs=0.1)
+    # Redis restarted empty, yet knows of the local slot (0.4 s ago): a hold after it.
+    assert back.wait_s == pytest.approx(0.7, abs=0.05)
     messages = [record.getMessage() for record in caplog.records]
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("reachable again" in m for m in messages) == 1
@@ -64,42 +61,41 @@ async def test_a_key_seen_queued_waits_out_the_longest_queue_before_local_sends(
     redis_server: RedisServer, client
 ) -> None:
     """Requests queued in Redis before it failed are still sent on every replica: a key
-    this replica saw queued gets no local slot until the longest wait plus a window."""
+    this replica saw queued gets no local slot until the longest wait plus a window; a
+    key it never saw starts full at the failure."""
     clock = ManualClock()
     limiter = FallbackLimiter(RedisLimiter(client), local_share=1, clock=clock, max_queue_s=5)
     decisions = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(6)]
     assert decisions[-1].wait_s > 0  # the shared queue is not empty
-    other = ResourceKey(KEY.app, "location", "never-queued")
-    await limiter.acquire(other, SMALL, TODAY, 30)
     redis_server.stop(kill=True)
     queued_key = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert not queued_key.admitted and queued_key.retry_after_s == pytest.approx(5 + 1.1)
-    unqueued_key = await limiter.acquire(other, SMALL, TODAY, 30)
-    assert not unqueued_key.admitted and unqueued_key.retry_after_s == pytest.approx(1.1)
+    unseen = await limiter.acquire(ResourceKey(KEY.app, "location", "unseen"), SMALL, TODAY, 30)
+    assert unseen.admitted and unseen.wait_s == pytest.approx(1.1)  # a hold after
     clock.advance(5 + 1.1001)
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).admitted
 
 
-async def test_the_fill_after_an_outage_holds_every_replica(
+async def test_after_an_outage_every_replica_leaves_the_others_their_share(
     redis_server: RedisServer, client
 ) -> None:
-    """The replica that comes back first fills the key's window in Redis, so a replica
-    that never noticed the outage cannot decide into the others' local sends either; and
-    Redis restarted empty has lost its queue, which the fill also covers."""
+    """The replica back first fills the key's window in the restarted (empty) Redis at the
+    failure, writes its local slots and marks the key: until the others are surely back,
+    decisions in Redis, even those of a replica that never saw the outage, leave the
+    others' local share (2 of 5) of every window free."""
     clock = ManualClock()
-    first = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock)
+    first = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock, retry_after_s=0.1)
     untouched = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock)
     await first.acquire(KEY, SMALL, TODAY, 0)
     redis_server.stop(kill=True)
-    await first.acquire(KEY, SMALL, TODAY, 0)
-    assert first.degraded
+    assert (await first.acquire(KEY, SMALL, TODAY, 0)).local  # refused: full at the failure
     redis_server.start()
-    clock.advance(1.5)
-    assert (await first.acquire(KEY, SMALL, TODAY, 30)).admitted and not first.degraded
-    held = await untouched.acquire(KEY, SMALL, TODAY, 30)
-    assert held.wait_s == pytest.approx(RECOVERY_SKEW_S + 1.1, abs=0.1)
-    refused = await untouched.acquire(KEY, SMALL, TODAY, 0)
-    assert not refused.admitted
+    clock.advance(0.2)
+    back = await first.acquire(KEY, SMALL, TODAY, 30)
+    assert not first.degraded and back.wait_s == pytest.approx(0.9, abs=0.05)
+    waits = [(await untouched.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(3)]
+    # Three per window while others may still send locally, not five.
+    assert waits == pytest.approx([0.9, 0.9, 2.0], abs=0.05)
 
 
 async def test_reject_while_down(redis_server: RedisServer, client) -> None:

@@ -2,9 +2,13 @@
 -- KEYS[1]: the key's reserved slot times, a list of integer microseconds, ascending: every
 --          slot still inside its hold (W + pad), so always the last N that matter
 -- KEYS[2]: the key's request count for the current limit day
+-- KEYS[3]: after an outage, "until_us:others": until then, decisions leave `others` slots
+--          of every window to the replicas that may still send local decisions
 -- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts), "pause"
---          (an upstream 429: take the whole window from now) or "release" (give back the
---          slot in ARGV[7], reserved for a request that will never be sent)
+--          (an upstream 429: take the whole window from now), "release" (give back the
+--          slot in ARGV[7], reserved for a request that will never be sent) or "resume"
+--          (after an outage: add the slots this replica took meanwhile, ARGV[13..], each
+--          in us from now, and keep ARGV[8] slots of each window free for ARGV[7] us)
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
 -- ARGV[7..8] max_wait_us, shadow ("1" or "0")                   (acquire; release: the slot)
 -- ARGV[9..11] upstream burst remaining, daily remaining (-1: none), and how many us ago
@@ -107,7 +111,7 @@ local function observe(at)
   end
 end
 
-local function burst_view(slots)
+local function burst_view(slots, burst)
   local blocking, first = 0, nil
   for i = math.max(1, #slots - burst + 1), #slots do
     local slot = tonumber(slots[i])
@@ -122,13 +126,32 @@ local function burst_view(slots)
 end
 
 trim()
+local function transition_until()
+  local marker = redis.call("GET", KEYS[3])
+  if not marker then return 0, 0 end
+  local until_us, others = string.match(marker, "^(%-?%d+):(%d+)$")
+  return tonumber(until_us or "0"), tonumber(others or "0")
+end
+
+if op == "resume" then
+  for i = 13, #ARGV do add_at(now + tonumber(ARGV[i]), 1) end
+  local others = tonumber(ARGV[8])
+  if others > 0 and max_wait > 0 and now + max_wait > transition_until() then
+    redis.call("SET", KEYS[3], string.format("%d:%d", now + max_wait, others),
+               "PX", math.ceil(max_wait / 1000) + 1000)
+  end
+  return 1
+end
 observe(now - seen_age)
 if op ~= "acquire" then return 1 end
 
 local count = tonumber(redis.call("GET", KEYS[2]) or "0")
+-- Right after an outage, replicas still deciding locally keep their share of each window.
+local until_us, others = transition_until()
+if until_us > now then burst = math.max(1, burst - others) end
 
 local function answer(admitted, wait, retry_after, limited_by, slot)
-  local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1))
+  local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1), burst)
   local last = redis.call("LINDEX", KEYS[1], -1)
   local queue_end = 0
   if last then queue_end = tonumber(last) - now end
