@@ -9,7 +9,8 @@ A blip must not overshoot the upstream, so both hand-overs are pessimistic:
 - **Going local.** Redis took no decision after the first call that failed was sent (it
   would have answered that call), but slots it gave before are still being sent, queued
   on every replica. So a key's local window starts full at that moment, or, for a key
-  this replica last saw queued in Redis, as far past it as any request may wait
+  that was busy when this replica last decided for it (window full, or a queue), a
+  window past the end of the queue it saw then, never past the longest wait
   (`QueueEnds`); the first local send comes a window (W + pad) later. A local request
   waits at most that long (`local_wait_s`), so local sends end that long after the return.
 - **Going back.** Redis knows nothing of the local sends and may have restarted empty;
@@ -22,9 +23,9 @@ A blip must not overshoot the upstream, so both hand-overs are pessimistic:
   window free (a per-key marker the script honours). Whatever is decided in Redis then,
   and whatever the others still send locally, no window holds more than the limit.
 
-The guarantee assumes that a key this replica saw without a queue did not start queueing
-at the other replicas in the moments before the failure (docs/architecture.md,
-"Fallback").
+The guarantee assumes that between this replica's last decision for a key and the
+failure, the other replicas did not fill the key's window if it had room, and added at
+most one window (N) of slots if it was busy (docs/architecture.md, "Fallback").
 """
 
 from __future__ import annotations
@@ -71,27 +72,35 @@ class SharedLimiter(Limiter, Protocol):
 
 
 class QueueEnds:
-    """Which keys had a shared queue when this replica last decided for them."""
+    """Where the shared queue of each busy key ended when this replica last decided for
+    it: a key whose window was full, or that had requests queued."""
 
     def __init__(self, max_keys: int, max_queue_s: float) -> None:
         self._max_keys = max_keys
         self._max_queue_s = max_queue_s
-        # In the order seen; only keys whose latest slot lay ahead (a queue) are kept.
-        self._queued: OrderedDict[ResourceKey, None] = OrderedDict()
+        # key -> its latest slot then, on this replica's clock; in the order seen.
+        self._busy: OrderedDict[ResourceKey, float] = OrderedDict()
 
-    def saw(self, key: ResourceKey, decision: Decision) -> None:
-        if decision.queue_end_s <= 0:
-            self._queued.pop(key, None)
+    def saw(self, key: ResourceKey, now: float, decision: Decision) -> None:
+        if decision.queue_end_s <= 0 and decision.burst_remaining > 0:
+            self._busy.pop(key, None)
             return
-        self._queued[key] = None
-        self._queued.move_to_end(key)
-        while len(self._queued) > self._max_keys:
-            self._queued.popitem(last=False)
+        self._busy[key] = now + max(0.0, decision.queue_end_s)
+        self._busy.move_to_end(key)
+        while len(self._busy) > self._max_keys:
+            self._busy.popitem(last=False)
 
-    def latest_slot(self, key: ResourceKey, failed_at: float) -> float:
-        """The latest slot Redis may hold for `key`, had it failed at `failed_at`: as far
-        as any request may wait beyond it for a key seen queued, else `failed_at`."""
-        return failed_at + (self._max_queue_s if key in self._queued else 0.0)
+    def latest_slot(self, key: ResourceKey, failed_at: float, hold_s: float) -> float:
+        """The latest slot Redis may hold for `key`, had it failed at `failed_at`.
+
+        A key with room in its window when last seen: `failed_at` (no queue formed since).
+        A busy key: the end of its queue then, plus one window for the slots the other
+        replicas may have added since (a window holds N), never past the longest wait.
+        """
+        end = self._busy.get(key)
+        if end is None:
+            return failed_at
+        return min(failed_at + self._max_queue_s, max(failed_at, end) + hold_s)
 
 
 class FallbackLimiter:
@@ -143,7 +152,7 @@ class FallbackLimiter:
                 self._went_down(exc, asked_at)
             else:
                 self._came_back()
-                self._ends.saw(key, decision)
+                self._ends.saw(key, self._clock(), decision)
                 return decision
         if self._share is None:
             raise LimiterUnavailable(
@@ -200,7 +209,7 @@ class FallbackLimiter:
 
     async def _start_local_window(self, key: ResourceKey, share: Limits, day: Day) -> None:
         failed_at = self._down_since if self._down_since is not None else self._clock()
-        start = self._ends.latest_slot(key, failed_at)
+        start = self._ends.latest_slot(key, failed_at, share.window_s + share.pad_s)
         await self._local.fill_until(key, share, day, start - self._clock())
 
     async def _resume_in_redis(self, key: ResourceKey, limits: Limits, day: Day) -> None:
@@ -212,8 +221,9 @@ class FallbackLimiter:
         if back is None or key in self._resumed or self._down_since is None:
             return
         # A restarted Redis lost the slots taken before the failure (and any queue).
-        latest = self._ends.latest_slot(key, self._down_since)
-        if latest + limits.window_s + limits.pad_s > now:
+        hold = limits.window_s + limits.pad_s
+        latest = self._ends.latest_slot(key, self._down_since, hold)
+        if latest + hold > now:
             await self._shared.fill_until(key, limits, day, latest - now)
         # The others may decide locally until their next probe, and send for one more hold.
         local_until = back + self._recovery_skew_s + local_wait_s(limits)
