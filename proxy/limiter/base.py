@@ -1,8 +1,9 @@
 """The Limiter protocol, its key and limits, and the Decision every backend returns.
 
 Backends (memory, Redis) implement the same algorithm (docs/architecture.md, "The limiter"):
-burst is "at most N in ANY window of W", kept as the last N reserved slot times; daily
-is a counter per key per day in the configured timezone. A decision is one atomic step.
+burst is "at most N in ANY window of W", kept as the reserved slot times still in their
+hold; daily is a counter per key per day in the configured timezone. A decision is one
+atomic step.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ most one window (N) of slots if it was busy (docs/architecture.md, "Fallback").
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -135,6 +136,7 @@ class FallbackLimiter:
         self._back_at: float | None = None  # when Redis last came back
         self._seeded: set[ResourceKey] = set()  # keys whose local window was filled
         self._resumed: set[ResourceKey] = set()  # keys Redis was told of the outage
+        self._probe: tuple[ResourceKey, asyncio.Event] | None = None  # the key being probed
 
     @property
     def degraded(self) -> bool:
@@ -143,17 +145,22 @@ class FallbackLimiter:
     async def acquire(
         self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
     ) -> Decision:
+        # Requests for the key a probe is deciding wait for it: a local slot taken meanwhile
+        # would be missing from what the probe writes to Redis before its decision there.
+        while (probe := self._probe) is not None and probe[0] == key:
+            await probe[1].wait()
         if not self._skip_shared():
-            asked_at = self._clock()
+            probing = self.degraded
+            if probing:
+                self._probe = (key, asyncio.Event())
             try:
-                await self._resume_in_redis(key, limits, day)
-                decision = await self._shared.acquire(key, limits, day, max_wait_s, shadow=shadow)
-            except LimiterUnavailable as exc:
-                self._went_down(exc, asked_at)
-            else:
-                self._came_back()
-                self._ends.saw(key, self._clock(), decision)
-                return decision
+                return await self._acquire_shared(key, limits, day, max_wait_s, shadow)
+            except LimiterUnavailable:
+                pass
+            finally:
+                if probing and self._probe is not None:
+                    self._probe[1].set()
+                    self._probe = None
         if self._share is None:
             raise LimiterUnavailable(
                 "The shared rate limiter (Redis) is unavailable and store.on_redis_error is "
@@ -161,6 +168,20 @@ class FallbackLimiter:
             )
         share = limits.scaled(self._share)
         return await self._acquire_locally(key, share, day, max_wait_s, shadow)
+
+    async def _acquire_shared(
+        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, shadow: bool
+    ) -> Decision:
+        asked_at = self._clock()
+        try:
+            await self._resume_in_redis(key, limits, day)
+            decision = await self._shared.acquire(key, limits, day, max_wait_s, shadow=shadow)
+        except LimiterUnavailable as exc:
+            self._went_down(exc, asked_at)
+            raise
+        self._came_back()
+        self._ends.saw(key, self._clock(), decision)
+        return decision
 
     async def observe(
         self,

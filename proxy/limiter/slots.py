@@ -73,6 +73,10 @@ def decide(
     # Shadow mode sends at once, so the slot actually used is `now`.
     used = now if shadow else slot
     bisect.insort(state.slots, used)
+    if shadow:
+        # Nothing is ever given back in shadow mode, so the last N are all that matter,
+        # and a busy key's list must not grow with every request of a window.
+        del state.slots[: -limits.burst]
     state.day_count += 1
     remaining, reset = burst_view(state.slots, limits, now)
     return Decision(

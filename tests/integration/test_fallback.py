@@ -23,6 +23,7 @@ from proxy.typing import ResourceKey
 from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
 
 
+# Redis decides on the test's clock too (in place of TIME), so every wait is exact.
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     redis_client = open_redis(StoreConfig(redis_url=redis_server.url))
@@ -38,7 +39,7 @@ async def test_local_share_while_down_then_back_to_redis(
     are written there first, and the others' share stays free; logged once."""
     caplog.set_level(logging.WARNING, logger="proxy.limiter.fallback")
     clock = ManualClock()
-    limiter = FallbackLimiter(RedisLimiter(client), local_share=5, clock=clock)
+    limiter = FallbackLimiter(RedisLimiter(client, clock=clock), local_share=5, clock=clock)
     assert (await limiter.acquire(KEY, SMALL, TODAY, 0)).burst_remaining == 4  # shared: 5
     redis_server.stop(kill=True)
     local = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(2)]
@@ -51,7 +52,7 @@ async def test_local_share_while_down_then_back_to_redis(
     back = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert back.admitted and not limiter.degraded and not back.local
     # Redis restarted empty, yet knows of the local slot (0.4 s ago): a hold after it.
-    assert back.wait_s == pytest.approx(0.7, abs=0.05)
+    assert back.wait_s == pytest.approx(0.7)
     messages = [record.getMessage() for record in caplog.records]
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("reachable again" in m for m in messages) == 1
@@ -65,21 +66,25 @@ async def test_a_busy_key_waits_out_its_queue_and_a_window_more_before_local_sen
     plus a window the others may have added since, plus the hold; never past the longest
     wait. A key it never saw starts full at the failure."""
     clock = ManualClock()
-    limiter = FallbackLimiter(RedisLimiter(client), local_share=1, clock=clock, max_queue_s=30)
+    limiter = FallbackLimiter(
+        RedisLimiter(client, clock=clock), local_share=1, clock=clock, max_queue_s=30
+    )
     decisions = [await limiter.acquire(KEY, SMALL, TODAY, 30) for _ in range(6)]
-    assert decisions[-1].wait_s == pytest.approx(1.1, abs=0.05)  # a queue to 1.1 s
+    assert decisions[-1].wait_s == pytest.approx(1.1)  # a queue to 1.1 s
     redis_server.stop(kill=True)
     queued_key = await limiter.acquire(KEY, SMALL, TODAY, 30)
-    assert not queued_key.admitted and queued_key.retry_after_s == pytest.approx(3.3, abs=0.05)
+    assert not queued_key.admitted and queued_key.retry_after_s == pytest.approx(3.3)
     unseen = await limiter.acquire(ResourceKey(KEY.app, "location", "unseen"), SMALL, TODAY, 30)
     assert unseen.admitted and unseen.wait_s == pytest.approx(1.1)  # a hold after
-    short = FallbackLimiter(RedisLimiter(client), local_share=1, clock=clock, max_queue_s=0.5)
+    short = FallbackLimiter(
+        RedisLimiter(client, clock=clock), local_share=1, clock=clock, max_queue_s=0.5
+    )
     redis_server.start()
     for _ in range(6):
         await short.acquire(KEY, SMALL, TODAY, 30)
     redis_server.stop(kill=True)
     capped = await short.acquire(KEY, SMALL, TODAY, 30)
-    assert capped.retry_after_s == pytest.approx(0.5 + 1.1, abs=0.05)
+    assert capped.retry_after_s == pytest.approx(0.5 + 1.1)
 
 
 async def test_after_an_outage_every_replica_leaves_the_others_their_share(
@@ -90,18 +95,20 @@ async def test_after_an_outage_every_replica_leaves_the_others_their_share(
     decisions in Redis, even those of a replica that never saw the outage, leave the
     others' local share (2 of 5) of every window free."""
     clock = ManualClock()
-    first = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock, retry_after_s=0.1)
-    untouched = FallbackLimiter(RedisLimiter(client), local_share=2, clock=clock)
+    first = FallbackLimiter(
+        RedisLimiter(client, clock=clock), local_share=2, clock=clock, retry_after_s=0.1
+    )
+    untouched = FallbackLimiter(RedisLimiter(client, clock=clock), local_share=2, clock=clock)
     await first.acquire(KEY, SMALL, TODAY, 0)
     redis_server.stop(kill=True)
     assert (await first.acquire(KEY, SMALL, TODAY, 0)).local  # refused: full at the failure
     redis_server.start()
     clock.advance(0.2)
     back = await first.acquire(KEY, SMALL, TODAY, 30)
-    assert not first.degraded and back.wait_s == pytest.approx(0.9, abs=0.05)
+    assert not first.degraded and back.wait_s == pytest.approx(0.9)
     waits = [(await untouched.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(3)]
     # Three per window while others may still send locally, not five.
-    assert waits == pytest.approx([0.9, 0.9, 2.0], abs=0.05)
+    assert waits == pytest.approx([0.9, 0.9, 2.0])
 
 
 async def test_reject_while_down(redis_server: RedisServer, client) -> None:

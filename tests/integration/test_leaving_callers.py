@@ -20,7 +20,7 @@ from tests.integration.test_limits_proxy import call, decisions, until_decided
 
 LOCATION = "leavingLoc01"
 RESOURCE = f"{SIM_CLIENT_ID.split('-', 1)[0]}:location:{LOCATION}"
-N, W_MS = 10, 2000
+N, W_MS = 10, 3000  # a window long enough that every leaver is still held when it leaves
 QUEUED, LEAVING = 60, 40
 
 

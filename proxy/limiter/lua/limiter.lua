@@ -175,6 +175,8 @@ end
 local used = slot
 if shadow then used = now end
 add_at(used, 1)
+-- Nothing is given back in shadow mode: the last N are all that matter (slots.py).
+if shadow then redis.call("LTRIM", KEYS[1], -burst, -1) end
 count = redis.call("INCR", KEYS[2])
 redis.call("PEXPIRE", KEYS[2], day_ttl_ms)
 
