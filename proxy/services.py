@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -79,8 +80,8 @@ async def open_services(
     """Open everything `config` describes; close it all, in reverse, on the way out.
 
     `clock` (wall time) drives token expiry and the limit day; tests move it. `keepalive`
-    False runs no background refresh (the `tokens` commands, tests that drive it by
-    hand); `warn_clear` False skips the warning about tokens stored in clear (commands an
+    False runs no background task, neither token refresh nor the limiter's health check
+    (the `tokens` commands, tests that drive it by hand); `warn_clear` False skips the warning about tokens stored in clear (commands an
     operator runs by hand).
     """
     async with AsyncExitStack() as stack:
@@ -128,7 +129,9 @@ async def open_services(
         if keepalive:
             by_id = {app.app_id: app for app in config.apps}
             refresher = KeepAlive(tokens, store, by_id, config.tokens, clock=clock)
-            await stack.enter_async_context(_running(refresher))
+            await stack.enter_async_context(_running(refresher.run_forever))
+            if isinstance(limiter, FallbackLimiter):
+                await stack.enter_async_context(_running(limiter.watch))
         yield services
 
 
@@ -141,9 +144,10 @@ def _webhook_receiver(
 
 
 @asynccontextmanager
-async def _running(refresher: KeepAlive) -> AsyncIterator[None]:
-    """The keep-alive loop as a task, cancelled on the way out."""
-    task = asyncio.create_task(refresher.run_forever())
+async def _running(loop: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """A background loop (keep-alive, the limiter's health check) as a task, cancelled on
+    the way out."""
+    task = asyncio.create_task(loop())
     try:
         yield
     finally:

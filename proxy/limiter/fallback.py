@@ -50,6 +50,9 @@ RETRY_SHARED_AFTER_S = 1.0
 # once every RETRY_SHARED_AFTER_S, and a probe that started just before Redis came back
 # fails only after two bounded attempts (redis_client: 0.5 s timeouts, one retry).
 RECOVERY_SKEW_S = RETRY_SHARED_AFTER_S + 1.5
+# How often an idle replica checks that Redis answers, so that every replica knows of an
+# outage (and tells Redis of it on the way back), not only those with traffic during it.
+HEALTH_EVERY_S = 0.5
 
 
 class SharedLimiter(Limiter, Protocol):
@@ -57,6 +60,10 @@ class SharedLimiter(Limiter, Protocol):
 
     async def fill_until(self, key: ResourceKey, limits: Limits, day: Day, in_s: float) -> None:
         """Make the key's window full `in_s` from now: no slot before then + W + pad."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise LimiterUnavailable unless the shared limiter answers now."""
         ...
 
     async def resume(
@@ -215,6 +222,20 @@ class FallbackLimiter:
     async def close(self) -> None:
         await self._shared.close()
         await self._local.close()
+
+    async def watch(self, every_s: float = HEALTH_EVERY_S) -> None:
+        """Check Redis every `every_s` while it is in use (a background task): a replica
+        without traffic during an outage must still know of it when its traffic comes
+        back, or it would decide in Redis as if the others had sent nothing locally."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.degraded:
+                continue  # requests probe their way back (_skip_shared)
+            asked_at = self._clock()
+            try:
+                await self._shared.ping()
+            except LimiterUnavailable as exc:
+                self._went_down(exc, asked_at)
 
     async def _acquire_locally(
         self, key: ResourceKey, share: Limits, day: Day, max_wait_s: float, shadow: bool

@@ -73,6 +73,7 @@ class RedisLimiter:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         script = resources.files("proxy.limiter").joinpath("lua", "limiter.lua").read_text()
+        self._client = client
         self._script: AsyncScript = client.register_script(script)
         self._clock = clock
         self._max_keys = max_keys
@@ -153,6 +154,13 @@ class RedisLimiter:
             self._seen[key] = seen
             self._seen.move_to_end(key)
             self._forget(seen.at - (limits.window_s + limits.pad_s))
+
+    async def ping(self) -> None:
+        """Raise LimiterUnavailable unless Redis answers now."""
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise LimiterUnavailable(f"Redis limiter unavailable: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         """The client belongs to whoever created it (the app's cleanup context)."""

@@ -3,6 +3,7 @@ way back once it answers again. Against a real redis-server that is killed and r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -136,3 +137,28 @@ async def test_shadow_mode_sends_even_when_it_cannot_decide(
     redis_server.stop(kill=True)
     decision = await admission.admit(KEY, 0)
     assert decision.admitted and decision.wait_s == 0
+
+
+async def test_an_idle_replica_notices_an_outage_and_tells_redis_on_the_way_back(
+    redis_server: RedisServer, client
+) -> None:
+    """The health check finds Redis gone without any request, so a replica with no
+    traffic during the outage still fills the key's window in the restarted Redis before
+    its first decision there, instead of deciding into the others' local sends."""
+    clock = ManualClock()
+    idle = FallbackLimiter(
+        RedisLimiter(client, clock=clock), local_share=2, clock=clock, retry_after_s=0.1
+    )
+    await idle.acquire(KEY, SMALL, TODAY, 0)
+    watching = asyncio.create_task(idle.watch(every_s=0.01))
+    redis_server.stop(kill=True)
+    while True:  # until the health check alone has noticed
+        if idle.degraded:
+            break
+        await asyncio.sleep(0.01)
+    watching.cancel()
+    redis_server.start()
+    clock.advance(0.2)
+    back = await idle.acquire(KEY, SMALL, TODAY, 30)
+    assert not idle.degraded and not back.local
+    assert back.wait_s == pytest.approx(0.9)  # a hold after the failure, not at once
