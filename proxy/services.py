@@ -81,8 +81,8 @@ async def open_services(
 
     `clock` (wall time) drives token expiry and the limit day; tests move it. `keepalive`
     False runs no background task, neither token refresh nor the limiter's health check
-    (the `tokens` commands, tests that drive it by hand); `warn_clear` False skips the warning about tokens stored in clear (commands an
-    operator runs by hand).
+    (the `tokens` commands, tests that drive it by hand); `warn_clear` False skips the
+    warning about tokens stored in clear (commands an operator runs by hand).
     """
     async with AsyncExitStack() as stack:
         redis = await connect_redis(config.store) if config.store.redis_url else None
