@@ -14,14 +14,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from proxy.app import create_app
-from proxy.config import Config, parse_config
+from proxy.config import Config, StoreConfig, parse_config
 from proxy.harness.processes import ServiceProcess, proxy_process, write_config
 from proxy.harness.redis_server import RedisServer
+from proxy.redis_client import open_redis
 from proxy.server import RunningServer, bind_socket, start_server
 from proxy.simulator import SimulatorConfig
 from proxy.simulator.testing import running_simulator
+from proxy.tokens.redis import RedisTokenStore
+from proxy.tokens.sqlite import SqliteTokenStore
+from proxy.tokens.store import TokenStore
 
 SIM_CLIENT_ID = "6650f1a2b3c4d5e6f7a8b9c0-simdemo01"
 SIM_CLIENT_SECRET = "sim-secret"
@@ -118,3 +123,31 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield spawn
     for process in started:
         process.stop()
+
+
+# -- token stores: each test body runs on every backend -------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
+    """A fresh, empty store of each backend."""
+    if request.param == "sqlite":
+        sqlite = await SqliteTokenStore.open(tmp_path / "tokens.db")
+        yield sqlite
+        await sqlite.close()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = open_redis(StoreConfig(redis_url=server.url))
+    try:
+        yield RedisTokenStore(client)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client made the way the proxy makes it, on a fresh redis-server."""
+    client = open_redis(StoreConfig(redis_url=redis_server.url))
+    assert isinstance(client, Redis)
+    yield client
+    await client.aclose()

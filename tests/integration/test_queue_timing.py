@@ -24,6 +24,7 @@ from multidict import CIMultiDictProxy
 from proxy.server import RunningServer
 from proxy.services import SERVICES
 from tests.conftest import SIM_CLIENT_ID
+from tests.integration.test_limits_proxy import decisions
 from tests.support.installs import install_via_start
 
 LOCATION = "timingLoc01"
@@ -78,17 +79,6 @@ def caller_token(simulator) -> dict[str, str]:
     simulator.state.set_limits({"burst": 10_000, "interval_ms": 10_000})
     token = simulator.state.grant(SIM_CLIENT_ID, location_id=LOCATION)["access_token"]
     return {"Authorization": f"Bearer {token}"}
-
-
-def decisions(proxy: RunningServer) -> dict[str, int]:
-    registry = proxy.runner.app[SERVICES].metrics.registry
-    return {
-        sample.labels["outcome"]: int(sample.value)
-        for family in registry.collect()
-        if family.name == "hoopai_proxy_limiter_decisions"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    }
 
 
 def held_s(proxy: RunningServer) -> float:

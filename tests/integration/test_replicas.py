@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import gc
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.harness.load import no_gc_pauses
 from proxy.harness.processes import ServiceProcess
 from proxy.harness.redis_server import RedisServer
 from tests.conftest import SIM_CLIENT_ID
@@ -174,22 +173,6 @@ class Load:
             for task in self._tasks:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-@contextmanager
-def no_gc_pauses() -> Iterator[None]:
-    """No cyclic garbage collection in this process while the block runs.
-
-    This process runs the simulator, whose arrival times are what the tests measure; a full
-    collection of the test session's heap stalls its event loop for 25-50 ms, as much as
-    the 50 ms pad, and would be counted against the proxies.
-    """
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def most_in_any_window(times: list[float], window_s: float) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from redis.asyncio import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from proxy.config import StoreConfig
-from proxy.harness.redis_server import RedisServer
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import (
     APPROVALS_INDEXED_KEY,
@@ -70,30 +68,6 @@ def location(id: str, **changes: object) -> TokenRecord:
 
 async def ids_approving(store: TokenStore, location_id: str, app: str = APP) -> list[str]:
     return [record.id for record in await store.companies_approving(app, location_id)]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
-    """A fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        sqlite = await SqliteTokenStore.open(tmp_path / "tokens.db")
-        yield sqlite
-        await sqlite.close()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    client = open_redis(StoreConfig(redis_url=server.url))
-    try:
-        yield RedisTokenStore(client)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = open_redis(StoreConfig(redis_url=redis_server.url))
-    assert isinstance(client, Redis)
-    yield client
-    await client.aclose()
 
 
 # -- every backend ----------------------------------------------------------------------------

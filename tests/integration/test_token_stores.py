@@ -14,7 +14,6 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,31 +54,6 @@ def token(
         version=version,
     )
     return replace(record, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
-    """A fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        sqlite = await SqliteTokenStore.open(tmp_path / "tokens.db")
-        yield sqlite
-        await sqlite.close()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    client = open_redis(StoreConfig(redis_url=server.url))
-    try:
-        yield RedisTokenStore(client)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    """A client made the way the proxy makes it, on a fresh redis-server."""
-    client = open_redis(StoreConfig(redis_url=redis_server.url))
-    assert isinstance(client, Redis)
-    yield client
-    await client.aclose()
 
 
 # -- every backend ----------------------------------------------------------------------------
