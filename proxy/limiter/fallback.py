@@ -229,13 +229,18 @@ class FallbackLimiter:
         back, or it would decide in Redis as if the others had sent nothing locally."""
         while True:
             await asyncio.sleep(every_s)
-            if self.degraded:
-                continue  # requests probe their way back (_skip_shared)
-            asked_at = self._clock()
-            try:
-                await self._shared.ping()
-            except LimiterUnavailable as exc:
-                self._went_down(exc, asked_at)
+            await self.check()
+
+    async def check(self) -> None:
+        """One health check: while Redis is in use, note an outage if it does not answer.
+        While down, requests probe their way back instead (`_skip_shared`)."""
+        if self.degraded:
+            return
+        asked_at = self._clock()
+        try:
+            await self._shared.ping()
+        except LimiterUnavailable as exc:
+            self._went_down(exc, asked_at)
 
     async def _acquire_locally(
         self, key: ResourceKey, share: Limits, day: Day, max_wait_s: float, shadow: bool
