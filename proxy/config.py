@@ -124,6 +124,13 @@ _APP_RULE = _pattern(rf"\*|{_ID}", 'must be "*" or the name of a configured app'
 _SHA256 = _pattern(
     r"[0-9a-fA-F]{64}", "must be 64 hex characters (the SHA-256 of the caller key)", lower=True
 )
+# "METHOD /path", the path ending in "*" to match every path it starts.
+_ROUTE = _pattern(
+    r"(?:GET|HEAD|PUT|DELETE|OPTIONS|POST|PATCH) /[^\s*]*\*?",
+    'must be "METHOD /path" (the path may end in "*" to match every path it starts), '
+    'e.g. "POST /contacts/upsert"',
+)
+_PRIORITY = _one_of("interactive", "batch")
 _REDIS_URL = _pattern(
     r"|(?:redis|rediss|unix)://.*", "must be empty or start with redis://, rediss:// or unix://"
 )
@@ -225,6 +232,10 @@ class UpstreamConfig:
     connect_timeout_s: float = field(default=5.0, metadata=_rule(_seconds))
     timeout_s: float = field(default=60.0, metadata=_rule(_seconds))
     max_connections: int = field(default=256, metadata=_rule(_POSITIVE))
+    # Routes a resend after "401 Command timed out" may repeat although their method is
+    # not idempotent (the route itself is: an upsert, a search). GET, HEAD, PUT, DELETE
+    # and OPTIONS are always resendable; so is a request that carries Idempotency-Key.
+    safe_resend_routes: tuple[str, ...] = field(default=(), metadata={"item": _ROUTE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,12 +260,16 @@ class BurstConfig:
     requests: int = field(default=100, metadata=_rule(_POSITIVE))
     interval_ms: int = field(default=10000, metadata=_rule(_POSITIVE))
     pad_ms: int = field(default=100, metadata=_rule(_NON_NEGATIVE))
+    # The pad grows to the measured p99.9 of send-to-answer times, never beyond this.
+    max_pad_ms: int = field(default=1000, metadata=_rule(_NON_NEGATIVE))
 
 
 @dataclass(frozen=True, slots=True)
 class DailyConfig:
     requests: int = field(default=200000, metadata=_rule(_POSITIVE))
     timezone: str = field(default="UTC", metadata=_rule(_timezone))
+    # The last `reserve` requests of each day are kept for interactive requests.
+    reserve: int = field(default=0, metadata=_rule(_NON_NEGATIVE))
 
     @property
     def zone(self) -> tzinfo:
@@ -269,6 +284,9 @@ class LimitsConfig:
     daily: DailyConfig = field(default_factory=DailyConfig)
     # Keys (app, resource) one process tracks at most; past it, new keys are refused 503.
     max_tracked_keys: int = field(default=100000, metadata=_rule(_POSITIVE))
+    # Follow the limits the upstream's X-RateLimit-* headers state: "down" only where they
+    # are stricter than configured, "up" both ways, "off" never.
+    learn: str = field(default="down", metadata=_rule(_one_of("down", "up", "off")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +316,10 @@ class CallerConfig:
     allow: tuple[str, ...] = field(metadata=_rule(_non_empty_list, item=_ALLOW))
     # The apps (by name) this caller may use; "*" is every configured app.
     apps: tuple[str, ...] = field(default=("*",), metadata=_rule(_non_empty_list, item=_APP_RULE))
+    # Among requests waiting for one resource's slots, this caller's share (batch ones).
+    weight: int = field(default=1, metadata=_rule(_integer(1, 1000, "must be 1 to 1000")))
+    # The highest priority its requests may ask for (X-HoopAI-Priority), and their default.
+    priority: str = field(default="interactive", metadata=_rule(_PRIORITY))
 
 
 @dataclass(frozen=True, slots=True)

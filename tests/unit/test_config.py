@@ -85,6 +85,7 @@ def test_defaults_when_only_apps_given() -> None:
             "connect_timeout_s": 5.0,
             "timeout_s": 60.0,
             "max_connections": 256,
+            "safe_resend_routes": (),
         },
         "apps": (
             {
@@ -97,9 +98,10 @@ def test_defaults_when_only_apps_given() -> None:
         ),
         "limits": {
             "mode": "enforce",
-            "burst": {"requests": 100, "interval_ms": 10000, "pad_ms": 100},
-            "daily": {"requests": 200000, "timezone": "UTC"},
+            "burst": {"requests": 100, "interval_ms": 10000, "pad_ms": 100, "max_pad_ms": 1000},
+            "daily": {"requests": 200000, "timezone": "UTC", "reserve": 0},
             "max_tracked_keys": 100000,
+            "learn": "down",
         },
         "queue": {"mode": "queue", "max_wait_ms": 30000},
         "store": {
