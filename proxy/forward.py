@@ -10,7 +10,8 @@ errors here, at one seam: refused or reset is 502 `upstream_unreachable`, too sl
 A held body is sent again, taking a new slot each time, when the upstream answers:
 - 429 (not processed): once the key's pause is over, if that is within the deadline;
 - 401 `Invalid JWT` to a managed token: once, with a refreshed token;
-- 401 `Command timed out` (an upstream timeout in disguise): once; then 504.
+- 401 `Command timed out` (an upstream timeout in disguise): once, if the request is safe
+  to repeat (`proxy.resends`: it may have run upstream); then, or else, 504.
 Nothing else is sent again: a connection that drops before the answer is a 502 (the
 upstream session never resends by itself, see `services.upstream_session`).
 
@@ -21,7 +22,6 @@ admission part alone) and `Server-Timing`, and so does the access line.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -49,14 +49,18 @@ from proxy.limit_answers import SERVER_TIMING, TimedPart, server_timing
 from proxy.limiter.base import Decision
 from proxy.logs import note_for_access_log
 from proxy.metrics import Metrics
+from proxy.resends import (
+    RESENDS,
+    SafeRoutes,
+    not_resent_message,
+    resend_reason,
+    safe_to_resend_timed_out,
+)
 from proxy.resolve import RequestFacts, Resolver, Target
 from proxy.tokens.manager import TokenManager
 from proxy.typing import ResendReason
 
 log = logging.getLogger(__name__)
-
-# How many times each kind of answer may be sent again.
-RESENDS: dict[ResendReason, int] = {"rate_limited": 3, "invalid_jwt": 1, "command_timed_out": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ class Forwarder:
         self._admission = admission
         self._tokens = tokens
         self._metrics = metrics
+        self._safe_routes = SafeRoutes(config.upstream.safe_resend_routes)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -226,6 +231,8 @@ class Forwarder:
                     return await relay_response(request, answer, extra)
                 body = await answer.read()
             reason = resend_reason(answer.status, body)
+            if reason == "command_timed_out" and not self._safe_to_repeat(request, target):
+                raise UpstreamTimeout(not_resent_message(request.method, request.path))
             if (
                 reason is None
                 or resent[reason] >= RESENDS[reason]
@@ -262,6 +269,19 @@ class Forwarder:
     def _may_resend(self, answer: aiohttp.ClientResponse, outgoing: Outgoing) -> bool:
         """Worth reading the answer to decide: a 401 or 429 to a request we can send again."""
         return answer.status in (401, 429) and outgoing.body.replayable
+
+    def _safe_to_repeat(self, request: web.Request, target: Target) -> bool:
+        """Whether a request that may have run upstream may be sent again."""
+        if safe_to_resend_timed_out(
+            request.method, request.path, request.headers, self._safe_routes
+        ):
+            return True
+        log.info(
+            "not resending %s for %s after Command timed out: may have run, not safe to repeat",
+            request.method,
+            target.key.tag,
+        )
+        return False
 
     def _applies(self, reason: ResendReason, target: Target) -> bool:
         if reason == "rate_limited":
@@ -314,24 +334,6 @@ class Forwarder:
             raise UpstreamUnreachable(
                 f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
             ) from exc
-
-
-def resend_reason(status: int, body: bytes) -> ResendReason | None:
-    """Why an answer may be sent again, or None: `rate_limited`, `invalid_jwt`,
-    `command_timed_out` (the two 401s are told apart by the upstream's message)."""
-    if status == 429:
-        return "rate_limited"
-    if status != 401:
-        return None
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        return None
-    if message == "Invalid JWT":
-        return "invalid_jwt"
-    if message == "Command timed out":
-        return "command_timed_out"
-    return None
 
 
 def add_proxy_headers(headers: CIMultiDict[str], extra: Mapping[str, str]) -> None:
