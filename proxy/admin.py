@@ -3,8 +3,10 @@
 It listens on its own address (`admin.host:admin.port`, loopback by default) so it can be
 kept off the callers' network. With `admin.token` set, every admin request needs
 `Authorization: Bearer <token>`. Nothing here shows a token or a caller key: the status
-shows each resource's remaining counts, requests held, the upstream's last rate-limit
-headers and when the cached access token expires.
+shows each resource's limits (configured or learned from the upstream), remaining counts,
+daily budget (today's count, the projection for the end of the limit day, near the limit
+at 80%), requests held, the upstream's last rate-limit headers and when the cached access
+token expires. Every value shown on the page is escaped.
 """
 
 from __future__ import annotations
@@ -74,32 +76,66 @@ async def status_json(request: web.Request) -> web.Response:
     )
 
 
+HEADINGS = (
+    "app id",
+    "resource",
+    "burst left",
+    "burst limit",
+    "daily left",
+    "daily used",
+    "daily limit",
+    "projected by day end",
+    "limits",
+    "waiting",
+    "upstream remaining",
+    "token expires in",
+    "last seen",
+)
+PAGE_STYLE = "tr.near td{background:#fdd}"
+
+
 async def status_page(request: web.Request) -> web.Response:
-    rows = "".join(_row(view) for view in _resources(_services(request)))
+    rows = "".join(status_row(view) for view in _resources(_services(request)))
+    headings = "".join(f"<th>{html.escape(heading)}</th>" for heading in HEADINGS)
     page = (
-        "<!doctype html><title>hoopai-proxy status</title><h1>hoopai-proxy</h1>"
-        "<table border=1 cellpadding=4><tr><th>app id</th><th>resource</th><th>burst left</th>"
-        "<th>daily left</th><th>waiting</th><th>upstream remaining</th>"
-        f"<th>token expires in</th><th>last seen</th></tr>{rows}</table>"
+        f"<!doctype html><title>hoopai-proxy status</title><style>{PAGE_STYLE}</style>"
+        "<h1>hoopai-proxy</h1><p>Projected: today's count plus the rate of about the last "
+        "five minutes until the limit day ends. Near limit: 80% of the daily limit used.</p>"
+        f"<table border=1 cellpadding=4><tr>{headings}</tr>{rows}</table>"
     )
     return web.Response(text=page, content_type="text/html")
 
 
-def _row(view: dict[str, object]) -> str:
+def status_row(view: dict[str, object]) -> str:
+    """One row of `/status` from a snapshot row, every cell escaped."""
     now = time.time()
     upstream = view["upstream"]
     remaining = upstream.get("X-RateLimit-Remaining", "-") if isinstance(upstream, dict) else "-"
     expires = view["token_expires_at"]
     expires_in = f"{(float(expires) - now) / 60:.0f} min" if isinstance(expires, float) else "-"
     seen = f"{now - float(str(view['last_seen'])):.0f} s ago"
+    limits = view["limits"]
+    assert isinstance(limits, dict)
+    near = view["near_daily_limit"] is True
+    used = _or_dash(view["daily_used"]) + (" (near limit)" if near else "")
     cells = [
         view["app"],
         f"{view['kind']}:{view['id']}",
         view["burst_remaining"],
+        f"{limits['burst']} per {limits['window_s']:g} s",
         view["daily_remaining"],
+        used,
+        limits["daily"],
+        _or_dash(view["daily_projected"]),
+        "learned from upstream" if limits["learned"] else "configured",
         view["waiting"],
         remaining,
         expires_in,
         seen,
     ]
-    return "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
+    opening = "<tr class=near>" if near else "<tr>"
+    return opening + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)

@@ -3,17 +3,31 @@
 The limiter decides; this module applies the config to it (the numbers, the queue mode,
 shadow mode, the caller's `X-HoopAI-Max-Wait-Ms`), sleeps the wait, turns a refusal into
 a 429 (worded by `limit_answers`), records each decision in the metrics and the status
-board, and hands the upstream's counts back to the limiter.
+board, and hands what each upstream answer says back to the limiter: its counts, its
+stated limits (`learned_limits`), and how long it took (the pad, `limiter/pad.py`).
+
+Three kinds of wait besides a slot's (docs/architecture.md, "Admission"):
+- a cold key's probe: the first request to a key with nothing in its hold goes alone, and
+  the others ask again once its answer is known (or after `PROBE_WAIT_S`), because
+  traffic the proxy never saw may already fill the window;
+- batch requests: one per key at a time asks for a slot free now (paced W/N apart), the
+  others wait in the `BatchLine`, so interactive requests always find the next slot;
+- the daily reserve: the last `limits.daily.reserve` requests of a day are interactive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
+from proxy.batch_line import BatchLine
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import BadRequest, LimiterUnavailable, RateLimited, TooManyKeys
 from proxy.headers import (
@@ -22,15 +36,38 @@ from proxy.headers import (
     Headers,
     upstream_remaining,
 )
+from proxy.learned_limits import LearnedLimits
 from proxy.limit_answers import MAX_WAIT_HEADER, LimitAnswers, shadow_verdict
 from proxy.limiter.base import Day, Decision, Limiter, Limits, UpstreamCounts
 from proxy.limiter.days import day_at
+from proxy.limiter.pad import PadEstimate
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
-from proxy.typing import ResourceKey
+from proxy.typing import Priority, ResourceKey
 from proxy.waiting import WaitingLine
 
 log = logging.getLogger(__name__)
+
+# How long the others wait at most for a cold key's probe to be answered (its answer
+# usually ends the wait much sooner), and how often they ask meanwhile when the probe is
+# another replica's.
+PROBE_WAIT_S = 2.0
+PROBE_POLL_S = 0.05
+# A batch request takes a slot only if it is free within this share of the slot interval
+# (W/N): never one an interactive request arriving meanwhile could have had.
+BATCH_GATE_SHARE = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Asker:
+    """Who asks for a slot, as admission treats it."""
+
+    priority: Priority = "interactive"
+    caller: str = ""
+    weight: int = 1
+
+
+INTERACTIVE = Asker()
 
 
 def limits_from(config: LimitsConfig) -> Limits:
@@ -70,15 +107,41 @@ class Admission:
         self._metrics = metrics
         self._board = board
         self.limits = limits_from(limits)
+        self.learned = LearnedLimits(self.limits, limits.learn, limits.max_tracked_keys)
+        self.pad = PadEstimate(self.limits.pad_s, limits.burst.max_pad_ms / 1000)
         self.shadow = limits.mode == "shadow"
-        self.answers = LimitAnswers(self.limits, shadow=self.shadow)
+        self._answers: dict[tuple[int, float, int], LimitAnswers] = {}
+        self._daily_reserve = limits.daily.reserve
         self._zone = limits.daily.zone
         self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
         self._wall_clock = wall_clock
         self.line = WaitingLine(self._give_back)
+        self.batch = BatchLine()
+        # Cold keys whose probe this process sent, until its answer is known.
+        self._probes: dict[ResourceKey, asyncio.Event] = {}
 
     def today(self) -> Day:
         return day_at(self._wall_clock(), self._zone)
+
+    def limits_for(self, key: ResourceKey) -> Limits:
+        """The key's limits now: learned or configured, with the pad in force."""
+        limits = self.learned.limits_for(key)
+        pad = self.pad.pad_s
+        return limits if limits.pad_s == pad else dataclasses.replace(limits, pad_s=pad)
+
+    def answers_for(self, key: ResourceKey) -> LimitAnswers:
+        """How the key's decisions look to a caller, on the key's own limits."""
+        limits = self.learned.limits_for(key)
+        shape = (limits.burst, limits.window_s, limits.daily)
+        answers = self._answers.get(shape)
+        if answers is None:
+            answers = self._answers[shape] = LimitAnswers(limits, shadow=self.shadow)
+        return answers
+
+    @property
+    def answers(self) -> LimitAnswers:
+        """How decisions look on the configured limits."""
+        return self.answers_for(_NO_KEY)
 
     def max_wait_for(self, headers: CIMultiDictProxy[str]) -> float:
         """The longest this request may be held: config's, lowered by the caller's header."""
@@ -95,11 +158,82 @@ class Admission:
             return self._max_wait_s
         return min(self._max_wait_s, int(asked) / 1000)
 
-    async def admit(self, key: ResourceKey, max_wait_s: float) -> Decision:
+    async def admit(
+        self, key: ResourceKey, max_wait_s: float, asker: Asker = INTERACTIVE
+    ) -> Decision:
         """Wait for `key`'s next slot and return the decision, or raise RateLimited."""
+        deadline = time.monotonic() + max_wait_s
+        if asker.priority == "batch" and not self.shadow:
+            async with self.batch.turn(key, asker.caller, asker.weight):
+                decision = await self._decide_batch(key, deadline)
+        else:
+            decision = await self._decide(key, deadline, self.limits_for(key))
+        if self.shadow:
+            if decision.limited_by or decision.wait_s > 0:
+                log.info(
+                    "shadow: %s would be held or refused: %s", key.tag, shadow_verdict(decision)
+                )
+            return decision
+        held_s = 0.0
+        if decision.wait_s > 0:
+            began = time.monotonic()
+            decision = await self._hold(key, decision)
+            # Not decision.wait_s: a caller ahead who left may have moved this one up.
+            held_s = time.monotonic() - began
+        self._metrics.queue_seconds.observe(held_s)
+        return decision
+
+    async def _decide(
+        self, key: ResourceKey, deadline: float, limits: Limits, *, pace_s: float = 0.0
+    ) -> Decision:
+        """The limiter's decision within the deadline; refusals raise RateLimited.
+
+        Asks again, rather than refuse, while another request probes the cold key (for at
+        most PROBE_WAIT_S, whatever the deadline), and
+        (a batch request, `pace_s` > 0) while the next slot is not free yet but will be
+        before the deadline: a batch request never reserves a slot ahead.
+        """
+        # Waiting for a probe's answer is waiting for news, not for a slot: allowed even
+        # to a request that may not queue, for as long as a probe may be out.
+        probe_deadline = time.monotonic() + PROBE_WAIT_S
+        while True:
+            now = time.monotonic()
+            left = max(0.0, deadline - now)
+            max_wait_s = min(left, pace_s * BATCH_GATE_SHARE) if pace_s > 0 else left
+            decision = await self._ask(key, limits, max_wait_s, pace_s)
+            if decision.probe == "other" and now < probe_deadline:
+                await self._probe_answered(key, min(decision.retry_after_s, PROBE_POLL_S))
+            elif (
+                pace_s > 0
+                and not decision.admitted
+                and decision.limited_by == "burst"
+                and decision.retry_after_s <= left
+            ):
+                await asyncio.sleep(decision.retry_after_s)
+            else:
+                return self._decided(key, decision, left)
+
+    async def _decide_batch(self, key: ResourceKey, deadline: float) -> Decision:
+        """A batch request's slot: free now, paced W/N apart, and never one of the day's
+        reserve."""
+        limits = self.limits_for(key)
+        pace_s = limits.window_s / limits.burst
+        if self._daily_reserve:
+            limits = dataclasses.replace(limits, daily=max(0, limits.daily - self._daily_reserve))
+        return await self._decide(key, deadline, limits, pace_s=pace_s)
+
+    async def _ask(
+        self, key: ResourceKey, limits: Limits, max_wait_s: float, pace_s: float
+    ) -> Decision:
         try:
             decision = await self._limiter.acquire(
-                key, self.limits, self.today(), max_wait_s, shadow=self.shadow
+                key,
+                limits,
+                self.today(),
+                max_wait_s,
+                shadow=self.shadow,
+                probe_s=0.0 if self.shadow else PROBE_WAIT_S,
+                pace_s=pace_s,
             )
         except LimiterUnavailable:
             if not self.shadow:
@@ -115,27 +249,39 @@ class Admission:
                 raise
             self._metrics.decisions.labels("undecided").inc()
             return self._undecided()
+        if decision.limits is not None or self.learned.is_learned(key):
+            self._adopt(key, decision.limits)
+        if decision.probe == "this":
+            self._probes[key] = asyncio.Event()
+        return decision
+
+    def _decided(self, key: ResourceKey, decision: Decision, max_wait_s: float) -> Decision:
+        """Record a decision; a refusal raises RateLimited."""
         self._board.decided(key, decision)
         self._metrics.decisions.labels(_outcome(decision, self.shadow)).inc()
         if not decision.admitted:
             raise RateLimited(
-                self.answers.refusal_message(key, decision, max_wait_s),
-                headers=self.answers.refusal_headers(decision),
+                self.answers_for(key).refusal_message(key, decision, max_wait_s),
+                headers=self.answers_for(key).refusal_headers(decision),
             )
-        if self.shadow:
-            if decision.limited_by or decision.wait_s > 0:
-                log.info(
-                    "shadow: %s would be held or refused: %s", key.tag, shadow_verdict(decision)
-                )
-            return decision
-        held_s = 0.0
-        if decision.wait_s > 0:
-            began = time.monotonic()
-            decision = await self._hold(key, decision)
-            # Not decision.wait_s: a caller ahead who left may have moved this one up.
-            held_s = time.monotonic() - began
-        self._metrics.queue_seconds.observe(held_s)
         return decision
+
+    async def _probe_answered(self, key: ResourceKey, at_most_s: float) -> None:
+        """Wait until this process's probe of `key` is answered, or `at_most_s` (the probe
+        may be another replica's: then ask again after that)."""
+        probe = self._probes.get(key)
+        if probe is None:
+            await asyncio.sleep(at_most_s)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(probe.wait(), PROBE_WAIT_S)
+
+    def settle(self, key: ResourceKey, decision: Decision) -> None:
+        """The request of `decision` is done (answered or failed): a probe that got no
+        answer lets the others go all the same (the limiter's own expiry is the backstop
+        for a probe whose replica died)."""
+        if decision.probe == "this" and (probe := self._probes.pop(key, None)) is not None:
+            probe.set()
 
     async def aclose(self) -> None:
         await self.line.aclose()
@@ -152,37 +298,77 @@ class Admission:
             self._board.waiting(key, -1)
 
     async def _give_back(self, key: ResourceKey, decision: Decision) -> None:
-        await self._limiter.release(key, self.limits, decision)
+        await self._limiter.release(key, self.limits_for(key), decision)
         self._metrics.slots_given_back.inc()
 
     async def observe(
-        self, key: ResourceKey, status: int, headers: Headers, decision: Decision
+        self,
+        key: ResourceKey,
+        status: int,
+        headers: Headers,
+        decision: Decision,
+        slot_to_answer_s: float | None = None,
     ) -> None:
         """Tell the limiter what the upstream's answer says of the key's limits.
 
-        `decision` is what the limiter said when this request was admitted. The upstream
+        `decision` is what the limiter said when this request was admitted, and
+        `slot_to_answer_s` how long after its slot the answer's headers came. The upstream
         saying fewer remain than that means traffic the limiter never saw (it bypassed the
-        proxy): every replica must know at once. Otherwise the counts may ride along with
-        the key's next decision, which costs no extra round trip.
+        proxy): every replica must know at once, as must the others waiting for a cold
+        key's probe. Otherwise the counts may ride along with the key's next decision,
+        which costs no extra round trip.
         """
+        if slot_to_answer_s is not None:
+            await self._measured(key, decision, slot_to_answer_s)
+        learned = self.learned.learn(key, headers)
+        if learned is not None:
+            await self._learned(key, learned)
+        limits = self.limits_for(key)
         # As the upstream said them, on its own limits and interval: `r` left means at most
         # `r` more until its window moves on, whatever our own numbers are.
         burst = upstream_remaining(headers, UPSTREAM_BURST_REMAINING)
         daily = upstream_remaining(headers, UPSTREAM_DAILY_REMAINING)
         self._board.answered(key, headers)
-        if status == 429:
-            # Not processed upstream: the whole window is taken, for every replica, now.
-            counts = UpstreamCounts(0, daily, pause=True)
-            await self._limiter.observe(key, self.limits, self.today(), counts)
-        elif burst is not None or daily is not None:
-            # Requests admitted just after this one may reach the upstream first; only a
-            # shortfall beyond that reordering is news worth a round trip now.
-            slack = max(2, self.limits.burst // 20)
-            surprising = (burst is not None and burst < decision.burst_remaining - slack) or (
-                daily is not None and daily < decision.daily_remaining - slack
-            )
-            counts = UpstreamCounts(burst, daily, at_once=surprising)
-            await self._limiter.observe(key, self.limits, self.today(), counts)
+        probe = decision.probe == "this"
+        try:
+            if status == 429:
+                # Not processed upstream: the whole window is taken, for every replica, now.
+                counts = UpstreamCounts(0, daily, pause=True, end_probe=probe)
+                await self._limiter.observe(key, limits, self.today(), counts)
+            elif burst is not None or daily is not None or probe:
+                # Requests admitted just after this one may reach the upstream first; only
+                # a shortfall beyond that reordering is news worth a round trip now.
+                slack = max(2, limits.burst // 20)
+                surprising = (burst is not None and burst < decision.burst_remaining - slack) or (
+                    daily is not None and daily < decision.daily_remaining - slack
+                )
+                counts = UpstreamCounts(burst, daily, at_once=surprising, end_probe=probe)
+                await self._limiter.observe(key, limits, self.today(), counts)
+        finally:
+            self.settle(key, decision)
+
+    async def _measured(
+        self, key: ResourceKey, decision: Decision, slot_to_answer_s: float
+    ) -> None:
+        """Learn the pad from one answer's time; an answer later than its request's bound
+        moves the bound (it may have reached the counter that late)."""
+        self.pad.record(slot_to_answer_s)
+        late_by_s = slot_to_answer_s - decision.pad_s
+        if late_by_s > 0 and decision.slot is not None:
+            await self._limiter.anchor(key, self.limits_for(key), decision, late_by_s)
+            self._metrics.late_answers.inc()
+
+    async def _learned(self, key: ResourceKey, limits: Limits) -> None:
+        """This replica learned new limits for `key`: every replica decides with them."""
+        configured = limits == self.limits
+        await self._limiter.learn(key, limits, forget=configured)
+        self._board.set_limits(key, limits, learned=not configured)
+
+    def _adopt(self, key: ResourceKey, limits: Limits | None) -> None:
+        """The shared state decided with `limits` (learned by another replica, or None)."""
+        changed = self.learned.adopt(key, limits)
+        if changed is not None:
+            self._board.set_limits(key, changed, learned=changed != self.limits)
 
     def _undecided(self) -> Decision:
         day = self.today()
@@ -196,3 +382,6 @@ class Admission:
             daily_remaining=self.limits.daily,
             daily_reset_s=day.ends_in_s,
         )
+
+
+_NO_KEY = ResourceKey("", "location", "")

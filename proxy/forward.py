@@ -33,7 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.admission import Admission
+from proxy.admission import Admission, Asker
 from proxy.body import CHUNK_BYTES, RequestBody, read_body, too_large_message
 from proxy.config import Config
 from proxy.credential_paths import refuse_managed_credential_request
@@ -80,6 +80,11 @@ class Timings:
 
     clock: Callable[[], float] = time.monotonic
     spent: dict[TimedPart, float] = field(default_factory=dict)
+    slot_at: float | None = None  # when the latest slot came (admission returned)
+
+    def since_slot(self) -> float | None:
+        """From the latest slot to now (an answer's headers): what the pad must cover."""
+        return None if self.slot_at is None else self.clock() - self.slot_at
 
     @contextmanager
     def timed(self, part: TimedPart) -> Iterator[None]:
@@ -167,8 +172,13 @@ class Forwarder:
     async def _admit(self, target: Target, deadline: float, timings: Timings) -> Decision:
         """A slot for one send, within what is left of the deadline; the time it takes is
         the request's queue time."""
+        asker = Asker(target.priority, target.caller or "", target.weight)
         with timings.timed("queue"):
-            return await self._admission.admit(target.key, max(0.0, deadline - time.monotonic()))
+            decision = await self._admission.admit(
+                target.key, max(0.0, deadline - time.monotonic()), asker
+            )
+        timings.slot_at = timings.clock()
+        return decision
 
     def upstream_url(self, request: web.Request) -> URL:
         """The upstream URL: base URL plus the caller's raw path and query, byte for byte."""
@@ -220,10 +230,14 @@ class Forwarder:
     ) -> web.StreamResponse:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
-            async with self._send(outgoing, timings) as answer:
+            async with self._sent(target, decision, outgoing, timings) as answer:
                 self._metrics.upstream.labels(str(answer.status)).inc()
-                await self._admission.observe(target.key, answer.status, answer.headers, decision)
-                extra = self._admission.answers.answer_headers(decision, timings.spent)
+                await self._admission.observe(
+                    target.key, answer.status, answer.headers, decision, timings.since_slot()
+                )
+                extra = self._admission.answers_for(target.key).answer_headers(
+                    decision, timings.spent
+                )
                 note_for_access_log(
                     request, upstream_status=answer.status, **timings.access_notes()
                 )
@@ -252,7 +266,9 @@ class Forwarder:
                 log.info("no slot before the deadline to resend %s", target.key.tag)
                 if reason == "rate_limited":
                     # The look for a slot is queue time too: say it on the answer.
-                    extra = self._admission.answers.answer_headers(decision, timings.spent)
+                    extra = self._admission.answers_for(target.key).answer_headers(
+                        decision, timings.spent
+                    )
                     note_for_access_log(request, **timings.access_notes())
                     return buffered_response(answer, body, extra)
                 if reason == "command_timed_out":
@@ -300,6 +316,18 @@ class Forwarder:
         if reason == "command_timed_out":
             raise UpstreamTimeout("The upstream timed out (401 Command timed out) twice")
         return buffered_response(answer, body, extra)
+
+    @asynccontextmanager
+    async def _sent(
+        self, target: Target, decision: Decision, outgoing: Outgoing, timings: Timings
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """`_send`, and whatever happens, the admission hears that the send is over (a
+        cold key's probe that got no answer must not hold the others back)."""
+        try:
+            async with self._send(outgoing, timings) as answer:
+                yield answer
+        finally:
+            self._admission.settle(target.key, decision)
 
     @asynccontextmanager
     async def _send(

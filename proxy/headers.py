@@ -97,6 +97,7 @@ UPSTREAM_BURST_REMAINING = "X-RateLimit-Remaining"
 UPSTREAM_BURST_MAX = "X-RateLimit-Max"
 UPSTREAM_DAILY_REMAINING = "X-RateLimit-Daily-Remaining"
 UPSTREAM_DAILY_LIMIT = "X-RateLimit-Limit-Daily"
+UPSTREAM_INTERVAL_MS = "X-RateLimit-Interval-Milliseconds"
 
 
 def rate_limit_policy(limits: Limits) -> str:

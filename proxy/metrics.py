@@ -3,7 +3,9 @@
 prometheus-client does the exposition format and the histogram arithmetic; each app
 gets its own `CollectorRegistry`, so tests (and one process hosting several apps) never
 share counters. Labels never carry a resource id, a caller key or a token: their number
-must stay small, and a scrape must never leak what a log line must not.
+must stay small, and a scrape must never leak what a log line must not. So what is kept
+per resource (the daily budget) is exposed here as aggregates over resources, read from
+the status board at each scrape; `/status` has each resource's figures.
 """
 
 from __future__ import annotations
@@ -63,15 +65,49 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.late_answers = Counter(
+            "hoopai_proxy_answers_later_than_pad",
+            "Upstream answers that came later after their slot than the pad: each moved its "
+            "slot's hold to its answer (it may have reached the upstream's counter that late).",
+            registry=r,
+        )
+        self.pad_seconds = Gauge(
+            "hoopai_proxy_pad_seconds",
+            "The pad in force: p99.9 of slot-to-answer times, between pad_ms and max_pad_ms.",
+            registry=r,
+        )
         self.limiter_degraded = Gauge(
             "hoopai_proxy_limiter_degraded",
             "1 while the shared limiter (Redis) is unavailable and decisions are local or refused.",
+            registry=r,
+        )
+        # Per resource only on the status page: these are aggregates over resources.
+        self.daily_near_limit = Counter(
+            "hoopai_proxy_daily_near_limit_requests",
+            "Requests admitted while their resource's count today was 80% of its daily "
+            "limit or more (Envoy ratelimit's near_limit).",
+            registry=r,
+        )
+        self.near_limit_resources = Gauge(
+            "hoopai_proxy_daily_near_limit_resources",
+            "Resources on the status board whose count today is 80% of their daily limit or more.",
+            registry=r,
+        )
+        self.highest_daily_use = Gauge(
+            "hoopai_proxy_daily_use_max_ratio",
+            "The highest count today / daily limit among resources on the status board "
+            "(1: a resource has used its day).",
             registry=r,
         )
 
     def watch_degraded(self, degraded: Callable[[], bool]) -> None:
         """Read the limiter's state at each scrape."""
         self.limiter_degraded.set_function(lambda: 1.0 if degraded() else 0.0)
+
+    def watch_daily_use(self, near: Callable[[], int], highest: Callable[[], float]) -> None:
+        """Read the status board's daily figures at each scrape."""
+        self.near_limit_resources.set_function(lambda: float(near()))
+        self.highest_daily_use.set_function(highest)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

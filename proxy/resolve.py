@@ -28,12 +28,13 @@ from proxy.errors import (
     ResourceUnresolved,
 )
 from proxy.jwt import jwt_claims
-from proxy.typing import ResourceKey, ResourceKind
+from proxy.typing import PRIORITIES, Priority, ResourceKey, ResourceKind, priority_named
 
 LOCATION_HEADER = "X-HoopAI-Location-Id"
 COMPANY_HEADER = "X-HoopAI-Company-Id"
 APP_HEADER = "X-HoopAI-App"
 PROXY_KEY_HEADER = "X-HoopAI-Proxy-Key"
+PRIORITY_HEADER = "X-HoopAI-Priority"
 
 MAX_ID_CHARS = 128
 _ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
@@ -55,6 +56,9 @@ class Target:
     id: str
     caller: str | None  # the caller's name when caller keys are configured
     passthrough_token: str | None  # the caller's own HighLevel token, sent upstream as is
+    # Interactive requests take the earliest slot; batch ones wait their turn (admission).
+    priority: Priority = "interactive"
+    weight: int = 1  # the caller's share among batch requests waiting for one resource
 
     @property
     def key(self) -> ResourceKey:
@@ -123,6 +127,8 @@ class Resolver:
             id=resource_id,
             caller=caller.name if caller else None,
             passthrough_token=passthrough,
+            priority=_priority(facts.headers, caller),
+            weight=caller.weight if caller else 1,
         )
 
     def _caller(self, headers: CIMultiDictProxy[str], bearer: str | None) -> CallerConfig | None:
@@ -310,6 +316,26 @@ def _check_id(resource_id: str, kind: ResourceKind) -> None:
         raise BadRequest(
             f"The {kind} id must be 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-'"
         )
+
+
+def _priority(headers: CIMultiDictProxy[str], caller: CallerConfig | None) -> Priority:
+    """The request's priority: the caller's, or lower if X-HoopAI-Priority asks for it
+    (never higher than the caller's key allows; with no caller keys, as asked)."""
+    allowed = priority_named(caller.priority) if caller else "interactive"
+    asked = headers.get(PRIORITY_HEADER)
+    if asked is None:
+        return allowed
+    wanted = asked.strip().lower()
+    if wanted not in PRIORITIES:
+        raise BadRequest(
+            f"{PRIORITY_HEADER} must be one of {', '.join(PRIORITIES)}, got {asked[:40]!r}"
+        )
+    if PRIORITIES.index(priority_named(wanted)) < PRIORITIES.index(allowed):
+        raise ResourceForbidden(
+            f"Caller {caller.name if caller else ''!r} may send at most priority {allowed!r}: "
+            f"send {PRIORITY_HEADER}: {allowed} or leave the header out"
+        )
+    return priority_named(wanted)
 
 
 def _check_app_allowed(caller: CallerConfig, app: AppConfig | None) -> None:

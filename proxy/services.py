@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
-from proxy.admission import Admission
+from proxy.admission import Admission, limits_from
 from proxy.config import Config, UpstreamConfig
 from proxy.forward import Forwarder
 from proxy.limiter.base import Limiter
@@ -105,10 +105,11 @@ async def open_services(
         )
         # Refreshes under way may hold the only live pair: let them finish first.
         stack.push_async_callback(tokens.aclose, config.tokens.refresh_lock_ttl_s)
-        board = StatusBoard(clock=clock)
+        board = StatusBoard(limits_from(config.limits), clock=clock, metrics=metrics)
         admission = Admission(
             limiter, config.limits, config.queue, metrics=metrics, board=board, wall_clock=clock
         )
+        metrics.pad_seconds.set_function(lambda: admission.pad.pad_s)
         # Slots being given back reach the limiter before it closes.
         stack.push_async_callback(admission.aclose)
         services = Services(

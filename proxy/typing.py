@@ -14,6 +14,11 @@ RESOURCE_KINDS: tuple[ResourceKind, ...] = ("location", "company")
 # Which limit refused (or, in shadow mode, would have): "" when none did.
 LimitedBy = Literal["", "burst", "daily"]
 
+# How a request competes for its resource's slots: interactive ones first (an ordered
+# tuple, highest first).
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+
 # A stored token record: usable, or its refresh token is dead and a reinstall is needed.
 TokenStatus = Literal["ok", "needs_reauth"]
 
@@ -43,6 +48,15 @@ def resource_kind(text: str) -> ResourceKind:
     if text == "company":
         return "company"
     raise ValueError(f"not a resource kind: {text[:20]!r}")
+
+
+def priority_named(text: str) -> Priority:
+    """`text` as a Priority (from config or a header); ValueError if it is none."""
+    if text == "interactive":
+        return "interactive"
+    if text == "batch":
+        return "batch"
+    raise ValueError(f"not a priority: {text[:20]!r}")
 
 
 def token_status(text: str) -> TokenStatus:

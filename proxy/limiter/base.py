@@ -9,7 +9,7 @@ atomic step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from proxy.typing import LimitedBy, ResourceKey
 
@@ -36,6 +36,11 @@ class Limits:
         )
 
 
+# A cold key's probe: "this" request goes alone first; "other": not admitted, because a
+# probe of this key is out (ask again after retry_after_s, or once it is answered).
+Probe = Literal["", "this", "other"]
+
+
 @dataclass(frozen=True, slots=True)
 class Day:
     """The current limit day: an id for its counter and how long until it ends."""
@@ -56,6 +61,11 @@ class Decision:
     decision the fallback made in process while the shared limiter was down.
     `queue_end_s` is how far from now the key's latest reserved slot lies (any replica's,
     as the backend knew it): the fallback's measure of the queue it may not overlap.
+    `slot` is an arrival bound (send time plus pad, slots.py), `queue_end_s` that bound
+    less the pad. `probe`
+    marks a cold key's probe, or a refusal while another request probes it. `limits`:
+    the limits another replica learned for the key (Limiter.learn), which the shared
+    state decided with instead of the ones given.
     """
 
     admitted: bool
@@ -69,6 +79,10 @@ class Decision:
     slot: float | None = None
     local: bool = False
     queue_end_s: float = 0.0
+    probe: Probe = ""
+    # The key's learned limits the shared state decided with, when not the ones asked with.
+    limits: Limits | None = None
+    pad_s: float = 0.0  # the pad in `slot`
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +95,29 @@ class UpstreamCounts:
     pause: bool = False
     # The counts reveal traffic the limiter never saw: every replica must know now.
     at_once: bool = False
+    # The answer to a cold key's probe: apply the counts now and let the others go.
+    end_probe: bool = False
 
 
 class Limiter(Protocol):
     """Shared state for all replicas (Redis) or one process (memory)."""
 
     async def acquire(
-        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        day: Day,
+        max_wait_s: float,
+        *,
+        shadow: bool = False,
+        probe_s: float = 0.0,
+        pace_s: float = 0.0,
     ) -> Decision:
         """Reserve the earliest slot for `key`, or refuse if it is more than `max_wait_s` away.
 
         With `shadow`, decide the same way but record the request as sent now and never
-        refuse it: the caller reports the decision and sends at once.
+        refuse it: the caller reports the decision and sends at once. `probe_s` and
+        `pace_s`: cold-key probes and batch pacing (slots.decide).
         """
         ...
 
@@ -113,6 +138,19 @@ class Limiter(Protocol):
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         """Give back the slot of an admitted request that will never be sent (its caller
         hung up while it was queued). Nothing happens if the slot is no longer kept."""
+        ...
+
+    async def anchor(
+        self, key: ResourceKey, limits: Limits, decision: Decision, late_by_s: float
+    ) -> None:
+        """The answer to `decision`'s request came back `late_by_s` after its bound: move
+        the bound there, for every replica, since the request may have arrived that late."""
+        ...
+
+    async def learn(self, key: ResourceKey, limits: Limits, *, forget: bool = False) -> None:
+        """Keep `limits` (learned from the upstream) as the key's, for every replica's
+        decisions; `forget`: the key has the configured limits again. A process-local
+        backend keeps nothing: the caller's own view is all there is."""
         ...
 
     async def close(self) -> None: ...

@@ -36,6 +36,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.errors import LimiterUnavailable
@@ -77,6 +78,16 @@ class SharedLimiter(Limiter, Protocol):
         """Add the slots this replica took while Redis was away (seconds from now), and
         for `for_s` leave `others` slots of every window free (RedisLimiter.resume)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What a request asked of `acquire`, beside the key and its limits."""
+
+    max_wait_s: float
+    shadow: bool
+    probe_s: float
+    pace_s: float
 
 
 class QueueEnds:
@@ -150,8 +161,17 @@ class FallbackLimiter:
         return self._down_until is not None
 
     async def acquire(
-        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        day: Day,
+        max_wait_s: float,
+        *,
+        shadow: bool = False,
+        probe_s: float = 0.0,
+        pace_s: float = 0.0,
     ) -> Decision:
+        asked = _Asked(max_wait_s, shadow, probe_s, pace_s)
         # Requests for the key a probe is deciding wait for it: a local slot taken meanwhile
         # would be missing from what the probe writes to Redis before its decision there.
         while (probe := self._probe) is not None and probe[0] == key:
@@ -161,7 +181,7 @@ class FallbackLimiter:
             if probing:
                 self._probe = (key, asyncio.Event())
             try:
-                return await self._acquire_shared(key, limits, day, max_wait_s, shadow)
+                return await self._acquire_shared(key, limits, day, asked)
             except LimiterUnavailable:
                 pass
             finally:
@@ -174,15 +194,23 @@ class FallbackLimiter:
                 "'reject'; retry shortly"
             )
         share = limits.scaled(self._share)
-        return await self._acquire_locally(key, share, day, max_wait_s, shadow)
+        return await self._acquire_locally(key, share, day, asked)
 
     async def _acquire_shared(
-        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, shadow: bool
+        self, key: ResourceKey, limits: Limits, day: Day, asked: _Asked
     ) -> Decision:
         asked_at = self._clock()
         try:
             await self._resume_in_redis(key, limits, day)
-            decision = await self._shared.acquire(key, limits, day, max_wait_s, shadow=shadow)
+            decision = await self._shared.acquire(
+                key,
+                limits,
+                day,
+                asked.max_wait_s,
+                shadow=asked.shadow,
+                probe_s=asked.probe_s,
+                pace_s=asked.pace_s,
+            )
         except LimiterUnavailable as exc:
             self._went_down(exc, asked_at)
             raise
@@ -219,6 +247,26 @@ class FallbackLimiter:
             except LimiterUnavailable as exc:
                 self._went_down(exc)
 
+    async def anchor(
+        self, key: ResourceKey, limits: Limits, decision: Decision, late_by_s: float
+    ) -> None:
+        """To whichever limiter reserved the slot, as `release`."""
+        if decision.local:
+            await self._local.anchor(key, limits.scaled(self._share or 1), decision, late_by_s)
+        elif not self.degraded:
+            try:
+                await self._shared.anchor(key, limits, decision, late_by_s)
+            except LimiterUnavailable as exc:
+                self._went_down(exc)
+
+    async def learn(self, key: ResourceKey, limits: Limits, *, forget: bool = False) -> None:
+        """To Redis when it answers; while it is down, this replica's own view decides."""
+        if not self.degraded:
+            try:
+                await self._shared.learn(key, limits, forget=forget)
+            except LimiterUnavailable as exc:
+                self._went_down(exc)
+
     async def close(self) -> None:
         await self._shared.close()
         await self._local.close()
@@ -243,15 +291,18 @@ class FallbackLimiter:
             self._went_down(exc, asked_at)
 
     async def _acquire_locally(
-        self, key: ResourceKey, share: Limits, day: Day, max_wait_s: float, shadow: bool
+        self, key: ResourceKey, share: Limits, day: Day, asked: _Asked
     ) -> Decision:
         """A local decision, waiting at most a window, on a window that starts with what
-        this replica knew of the shared one (see the module docstring)."""
+        this replica knew of the shared one (see the module docstring). No cold-key probe:
+        the window starts full anyway. Batch pacing follows this replica's share."""
         if key not in self._seeded:
             _remember(self._seeded, key, self._max_keys)
             await self._start_local_window(key, share, day)
-        wait_s = min(max_wait_s, local_wait_s(share))
-        decision = await self._local.acquire(key, share, day, wait_s, shadow=shadow)
+        wait_s = min(asked.max_wait_s, local_wait_s(share))
+        decision = await self._local.acquire(
+            key, share, day, wait_s, shadow=asked.shadow, pace_s=asked.pace_s * (self._share or 1)
+        )
         return dataclasses.replace(decision, local=True)
 
     async def _start_local_window(self, key: ResourceKey, share: Limits, day: Day) -> None:

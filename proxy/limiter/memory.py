@@ -99,13 +99,23 @@ class MemoryLimiter:
         self._refused = 0  # new keys refused since the last warning
 
     async def acquire(
-        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        day: Day,
+        max_wait_s: float,
+        *,
+        shadow: bool = False,
+        probe_s: float = 0.0,
+        pace_s: float = 0.0,
     ) -> Decision:
         now = self._clock()
         state = self._state(key, limits, day, now)
         if state is None:
             raise self._too_many(key, day, now)
-        return slots.decide(state, limits, day, now, max_wait_s, shadow=shadow)
+        return slots.decide(
+            state, limits, day, now, max_wait_s, shadow=shadow, probe_s=probe_s, pace_s=pace_s
+        )
 
     async def observe(
         self,
@@ -120,6 +130,8 @@ class MemoryLimiter:
         state = self._state(key, limits, day, now)
         if state is not None:
             slots.observe(state, limits, day, now, counts)
+            if counts.end_probe:
+                slots.end_probe(state)
 
     async def fill_until(self, key: ResourceKey, limits: Limits, day: Day, in_s: float) -> None:
         """Make the key's window full `in_s` from now: no slot before then + W + pad."""
@@ -141,6 +153,16 @@ class MemoryLimiter:
         state = self._live.get(key)
         if state is not None and decision.slot is not None:
             slots.release(state, decision.slot)
+
+    async def anchor(
+        self, key: ResourceKey, limits: Limits, decision: Decision, late_by_s: float
+    ) -> None:
+        state = self._live.get(key)
+        if state is not None and decision.slot is not None:
+            slots.anchor(state, decision.slot, decision.slot + late_by_s)
+
+    async def learn(self, key: ResourceKey, limits: Limits, *, forget: bool = False) -> None:
+        """Nothing to share: this process's view (Admission's) is all there is."""
 
     async def close(self) -> None:
         self._live.clear()
@@ -182,7 +204,7 @@ class MemoryLimiter:
         An entry's time is never later than its key's window end, so keys are checked no
         sooner than needed; one whose window has moved on goes back with its new end.
         """
-        hold = limits.window_s + limits.pad_s
+        hold = limits.window_s
         ends = self._ends
         checked = 0
         while ends and ends[0][0] <= now and (budget is None or checked < budget):

@@ -31,7 +31,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable
-from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limits, UpstreamCounts
+from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limits, Probe, UpstreamCounts
 from proxy.typing import LimitedBy, ResourceKey
 
 US = 1_000_000
@@ -42,10 +42,17 @@ _ANY_DAY = Day(id="release", ends_in_s=0.0)
 
 
 def redis_keys(key: ResourceKey, day: Day) -> list[str]:
-    """The slots list, today's counter and the after-outage marker of `key`, sharing one
-    cluster hash slot."""
+    """The bounds list, today's counter, the after-outage marker, the cold-key probe, the
+    batch pace and the learned limits of `key`, sharing one cluster hash slot."""
     base = f"{KEY_PREFIX}:{{{key.tag}}}"
-    return [f"{base}:burst", f"{base}:day:{day.id}", f"{base}:transition"]
+    return [
+        f"{base}:burst",
+        f"{base}:day:{day.id}",
+        f"{base}:transition",
+        f"{base}:probe",
+        f"{base}:pace",
+        f"{base}:limits",
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +88,30 @@ class RedisLimiter:
         self._seen: OrderedDict[ResourceKey, _Seen] = OrderedDict()
 
     async def acquire(
-        self, key: ResourceKey, limits: Limits, day: Day, max_wait_s: float, *, shadow: bool = False
+        self,
+        key: ResourceKey,
+        limits: Limits,
+        day: Day,
+        max_wait_s: float,
+        *,
+        shadow: bool = False,
+        probe_s: float = 0.0,
+        pace_s: float = 0.0,
     ) -> Decision:
         seen = self._seen.pop(key, None)
-        reply = await self._call("acquire", key, limits, day, _us(max_wait_s), shadow, seen)
+        reply = await self._call(
+            "acquire",
+            key,
+            limits,
+            day,
+            _us(max_wait_s),
+            shadow,
+            seen,
+            probe_s=probe_s,
+            pace_s=pace_s,
+        )
         admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot, end = (
-            reply
+            reply[:9]
         )
         return Decision(
             admitted=bool(admitted),
@@ -99,6 +124,9 @@ class RedisLimiter:
             daily_reset_s=day.ends_in_s,
             slot=None if int(slot) < 0 else int(slot),
             queue_end_s=int(end) / US,
+            probe=_probe(reply[9]),
+            limits=_learned(limits, reply[10:13]),
+            pad_s=limits.pad_s,
         )
 
     async def fill_until(self, key: ResourceKey, limits: Limits, day: Day, in_s: float) -> None:
@@ -133,6 +161,18 @@ class RedisLimiter:
         # way), so the script finds the very value it answered.
         await self._call("release", key, limits, _ANY_DAY, int(decision.slot), False, None)
 
+    async def learn(self, key: ResourceKey, limits: Limits, *, forget: bool = False) -> None:
+        await self._call("learn", key, limits, _ANY_DAY, 0 if forget else 1, False, None)
+
+    async def anchor(
+        self, key: ResourceKey, limits: Limits, decision: Decision, late_by_s: float
+    ) -> None:
+        if decision.slot is None:
+            return
+        await self._call(
+            "anchor", key, limits, _ANY_DAY, int(decision.slot), False, None, others=_us(late_by_s)
+        )
+
     async def observe(
         self,
         key: ResourceKey,
@@ -146,10 +186,10 @@ class RedisLimiter:
             day_id=day.id,
             at=self._now(),
         )
-        if counts.pause or counts.at_once:
+        if counts.pause or counts.at_once or counts.end_probe:
             self._seen.pop(key, None)
             op = "pause" if counts.pause else "observe"
-            await self._call(op, key, limits, day, 0, False, seen)
+            await self._call(op, key, limits, day, 0, False, seen, end_probe=counts.end_probe)
         else:
             self._seen[key] = seen
             self._seen.move_to_end(key)
@@ -188,9 +228,13 @@ class RedisLimiter:
         *,
         others: int = 0,
         extra: list[str] | None = None,
+        probe_s: float = 0.0,
+        pace_s: float = 0.0,
+        end_probe: bool = False,
     ) -> Any:
-        """ARGV[7] is the longest wait for `acquire`, the slot given back for `release`,
-        how long for `resume` (whose ARGV[8] is `others` and ARGV[13..] `extra`)."""
+        """ARGV[7] is the longest wait for `acquire`, the bound for `release` and
+        `anchor`, how long for `resume`; ARGV[8] is `others` for `resume` (how many slots
+        to leave) and `anchor` (how late); ARGV[16..] `extra` (lua/limiter.lua)."""
         args: list[int | str] = [
             op,
             limits.burst,
@@ -199,15 +243,19 @@ class RedisLimiter:
             limits.daily,
             _us(day.ends_in_s),
             max_wait_or_slot_us,
-            str(others) if op == "resume" else ("1" if shadow else "0"),
+            str(others) if op in ("resume", "anchor") else ("1" if shadow else "0"),
             NOT_SEEN if seen is None else seen.burst_remaining,
             NOT_SEEN if seen is None or seen.day_id != day.id else seen.daily_remaining,
             # A count said in the past, or (a fill) a time still to come: negative.
             0 if seen is None else _us(self._now() - seen.at),
         ]
-        if self._clock is not None or extra:
-            args.append("" if self._clock is None else _us(self._clock()))
-        args.extend(extra or ())
+        args += [
+            "" if self._clock is None else _us(self._clock()),
+            _us(probe_s),
+            _us(pace_s),
+            "1" if end_probe else "0",
+            *(extra or ()),
+        ]
         try:
             return await self._script(keys=redis_keys(key, day), args=args)
         except (RedisError, OSError) as exc:
@@ -223,6 +271,24 @@ def _limited_by(raw: object) -> LimitedBy:
     if text not in ("", "burst", "daily"):
         raise LimiterUnavailable(f"the limiter script answered an unknown limit {text[:20]!r}")
     return cast(LimitedBy, text)
+
+
+def _learned(asked: Limits, reply: list[Any]) -> Limits | None:
+    """The learned limits the script decided with, or None when the key has none."""
+    burst, window_us, daily = (int(value) for value in reply)
+    if burst <= 0:
+        return None
+    return Limits(burst=burst, window_s=window_us / US, pad_s=asked.pad_s, daily=daily)
+
+
+def _probe(raw: object) -> Probe:
+    """The script's `probe` reply as the limiter's word for it."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if text == "this":
+        return "this"
+    if text == "other":
+        return "other"
+    return ""
 
 
 def _or_not_seen(remaining: int | None) -> int:

@@ -3,13 +3,23 @@
 The memory backend runs these directly; the Redis backend runs the same steps in Lua
 (lua/limiter.lua), and one test suite holds both to the same answers.
 
-Burst: `slots` holds the reserved send times, ascending: every one still inside its hold
-(W + pad), so at least the last N that matter. A request at `now` gets `now` while fewer
-than N are kept, else `max(now, slots[-N] + W + pad)`. No W-window then holds more than N
-(the proof sketch: docs/architecture.md, "The limiter"). A slot whose request was never
-sent (its caller hung up while queued) may be given back (`release`); keeping every slot
-still in its hold, not only the last N, is what makes that safe: `slots[-N]` stays the
-N-th latest of all slots not given back.
+Burst: `slots` holds, for every request still inside its hold, the latest time it can
+have reached the upstream's counter (its "arrival bound"), ascending. A request sent at
+`s` with the pad `p` in force is bound by `s + p`: the upstream counts a request when it
+arrives, and the pad is how late after the send that can be (docs/architecture.md,
+"Jitter"). A new request gets `now` while fewer than N are kept, else
+`max(now, slots[-N] + W)`, and is kept as `slot + pad`; its hold is over once
+`bound + W <= now`. No W-window at the upstream's counter then holds more than N, as long
+as every request arrives within its pad of its send: whatever window (t - W, t] one
+takes, a request arriving in it has a bound above t - W, and any N + 1 such bounds would
+contradict the spacing. With one pad for all, bounds are sends plus a constant, and this
+is the send-time rule "slots[-N] + W + pad" as before. An answer that comes back later
+than its bound moves the bound to when it came back (`anchor`): the request surely
+arrived before its answer.
+
+A slot whose request was never sent (its caller hung up while queued) may be given back
+(`release`); keeping every bound still in its hold, not only the last N, is what makes
+that safe: `slots[-N]` stays the N-th latest of all bounds not given back.
 """
 
 from __future__ import annotations
@@ -17,17 +27,20 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from proxy.limiter.base import Day, Decision, Limits, UpstreamCounts
+from proxy.limiter.base import Day, Decision, Limits, Probe, UpstreamCounts
 from proxy.typing import LimitedBy
 
 
 @dataclass(slots=True)
 class KeyState:
-    """One key's state: reserved slot times (ascending) and today's count."""
+    """One key's state: arrival bounds of the requests in their hold (ascending), today's
+    count, and until when a probe of a cold key holds the others back."""
 
     slots: list[float] = field(default_factory=list)
     day_id: str = ""
     day_count: int = 0
+    probe_until: float = 0.0
+    batch_next: float = 0.0
 
     def roll_day(self, day: Day) -> None:
         if self.day_id != day.id:
@@ -35,9 +48,8 @@ class KeyState:
 
 
 def trim(state: KeyState, limits: Limits, now: float) -> None:
-    """Drop the slots whose hold is over: they can no longer share a window with a new one."""
-    hold = limits.window_s + limits.pad_s
-    old = bisect.bisect_right(state.slots, now - hold)
+    """Drop the bounds whose hold is over: they can no longer share a window with a new one."""
+    old = bisect.bisect_right(state.slots, now - limits.window_s)
     if old:
         del state.slots[:old]
 
@@ -46,32 +58,59 @@ def next_slot(slots: list[float], limits: Limits, now: float) -> float:
     """The earliest time a new request may be sent."""
     if len(slots) < limits.burst:
         return now
-    return max(now, slots[-limits.burst] + limits.window_s + limits.pad_s)
+    return max(now, slots[-limits.burst] + limits.window_s)
 
 
 def burst_view(slots: list[float], limits: Limits, now: float) -> tuple[int, float]:
     """(requests that could go at `now`, seconds until the next reserved slot frees)."""
-    hold = limits.window_s + limits.pad_s
-    blocking = [slot for slot in slots[-limits.burst :] if slot + hold > now]
+    window = limits.window_s
+    blocking = [bound for bound in slots[-limits.burst :] if bound + window > now]
     remaining = limits.burst - len(blocking)
-    reset = (blocking[0] + hold - now) if blocking else 0.0
+    reset = (blocking[0] + window - now) if blocking else 0.0
     return max(0, remaining), max(0.0, reset)
 
 
 def decide(
-    state: KeyState, limits: Limits, day: Day, now: float, max_wait_s: float, *, shadow: bool
+    state: KeyState,
+    limits: Limits,
+    day: Day,
+    now: float,
+    max_wait_s: float,
+    *,
+    shadow: bool,
+    probe_s: float = 0.0,
+    pace_s: float = 0.0,
 ) -> Decision:
-    """Reserve a slot (or refuse), updating `state`. See the module docstring."""
+    """Reserve a slot (or refuse), updating `state`. See the module docstring.
+
+    `probe_s` > 0 probes cold keys: the first request to a key with nothing in its hold
+    goes alone (`Decision.probe == "this"`), and until its answer clears the probe
+    (`end_probe`), or `probe_s` passes, the others are told to ask again
+    (`probe == "other"`): traffic the proxy never saw may fill the window, and that
+    answer's counts say so. `pace_s` > 0 (batch requests) also keeps the key's batch
+    slots at least that far apart, so they leave room for interactive ones every interval.
+    """
     state.roll_day(day)
     trim(state, limits, now)
     if state.day_count >= limits.daily and not shadow:
         return refusal(state, limits, day, now, "daily", day.ends_in_s)
+    probe: Probe = ""
+    if probe_s > 0 and not shadow:
+        if state.probe_until > now:
+            return refusal(state, limits, day, now, "burst", state.probe_until - now, "other")
+        if not state.slots:
+            probe, state.probe_until = "this", now + probe_s
     slot = next_slot(state.slots, limits, now)
+    if pace_s > 0:
+        slot = max(slot, state.batch_next)
     wait = slot - now
     if wait > max_wait_s and not shadow:
+        state.probe_until = 0.0 if probe else state.probe_until
         return refusal(state, limits, day, now, "burst", wait)
+    if pace_s > 0:
+        state.batch_next = slot + pace_s
     # Shadow mode sends at once, so the slot actually used is `now`.
-    used = now if shadow else slot
+    used = (now if shadow else slot) + limits.pad_s
     bisect.insort(state.slots, used)
     if shadow:
         # Nothing is ever given back in shadow mode, so the last N are all that matter,
@@ -89,8 +128,15 @@ def decide(
         daily_remaining=max(0, limits.daily - state.day_count),
         daily_reset_s=day.ends_in_s,
         slot=None if shadow else used,
-        queue_end_s=state.slots[-1] - now,
+        queue_end_s=state.slots[-1] - limits.pad_s - now,
+        probe=probe,
+        pad_s=limits.pad_s,
     )
+
+
+def end_probe(state: KeyState) -> None:
+    """The probe's answer is known (and applied): the others may go."""
+    state.probe_until = 0.0
 
 
 def _would_limit(state: KeyState, limits: Limits, wait: float, max_wait_s: float) -> LimitedBy:
@@ -106,6 +152,7 @@ def refusal(
     now: float,
     limited_by: LimitedBy,
     retry_after: float,
+    probe: Probe = "",
 ) -> Decision:
     remaining, reset = burst_view(state.slots, limits, now)
     return Decision(
@@ -117,18 +164,26 @@ def refusal(
         burst_reset_s=reset,
         daily_remaining=max(0, limits.daily - state.day_count),
         daily_reset_s=day.ends_in_s,
-        queue_end_s=(state.slots[-1] - now) if state.slots else 0.0,
+        queue_end_s=(state.slots[-1] - limits.pad_s - now) if state.slots else 0.0,
+        probe=probe,
     )
 
 
 def release(state: KeyState, slot: float) -> bool:
-    """Give back a reserved slot whose request was never sent; False if it is not kept
-    (its hold is over, or the state was lost): then there is nothing to give back."""
+    """Give back a reserved slot (its bound, as Decision.slot says it) whose request was
+    never sent; False if it is not kept (its hold is over, or the state was lost)."""
     at = bisect.bisect_left(state.slots, slot)
     if at < len(state.slots) and state.slots[at] == slot:
         del state.slots[at]
         return True
     return False
+
+
+def anchor(state: KeyState, bound: float, answered_at: float) -> None:
+    """Move a request's bound to when its answer came back, when that is later: it may
+    have reached the counter that late (its pad was too short). Nothing if not kept."""
+    if answered_at > bound and release(state, bound):
+        bisect.insort(state.slots, answered_at)
 
 
 def observe(
@@ -143,18 +198,20 @@ def observe(
     The upstream's remaining counts are read as they are, on its own limits and interval:
     `r` left means at most `r` more until its window moves on. When this state would let
     more than `r` go in the window from `now` (N minus the slots sent in the last W), the
-    difference becomes slots at `now` (traffic that bypassed the proxy), holding the window
-    for W + pad. `pause` (an upstream 429) fills the window at `now`: no slot before
-    now + W + pad. The daily count rises to the limit minus the upstream's remaining.
+    difference becomes slots sent at `now` (traffic that bypassed the proxy), holding the
+    window for W + pad. `pause` (an upstream 429) fills the window at `now`: no slot
+    before now + W + pad. The daily count rises to the limit minus the upstream's remaining.
     """
     if counts.pause:
         fill(state, limits, now, now)
     elif counts.burst_remaining is not None:
         trim(state, limits, now)
-        first = bisect.bisect_right(state.slots, now - limits.window_s)
-        sent = bisect.bisect_right(state.slots, now) - first
+        # Sent in (now - W, now]: bounds are sends plus the pad.
+        pad = limits.pad_s
+        first = bisect.bisect_right(state.slots, now - limits.window_s + pad)
+        sent = bisect.bisect_right(state.slots, now + pad) - first
         unknown = min(limits.burst, limits.burst - max(0, counts.burst_remaining) - sent)
-        add_at(state, now, unknown)
+        add_at(state, now + pad, unknown)
     if counts.daily_remaining is not None:
         state.roll_day(day)
         state.day_count = max(state.day_count, limits.daily - max(0, counts.daily_remaining))
@@ -163,12 +220,13 @@ def observe(
 def fill(state: KeyState, limits: Limits, now: float, at: float) -> None:
     """Make the window full at `at` (now or later): no new slot before at + W + pad.
 
-    Slots already reserved from `at` on count, since what is needed is slots[-N] >= at;
-    so filling twice at one time adds nothing the second time.
+    Bounds from `at + pad` on count, since what is needed is slots[-N] >= at + pad; so
+    filling twice at one time adds nothing the second time.
     """
     trim(state, limits, now)
-    ahead = len(state.slots) - bisect.bisect_left(state.slots, at)
-    add_at(state, at, limits.burst - ahead)
+    bound = at + limits.pad_s
+    ahead = len(state.slots) - bisect.bisect_left(state.slots, bound)
+    add_at(state, bound, limits.burst - ahead)
 
 
 def add_at(state: KeyState, at: float, count: int) -> None:

@@ -131,7 +131,7 @@ async def test_shadow_mode_sends_even_when_it_cannot_decide(
         LimitsConfig(mode="shadow"),
         QueueConfig(),
         metrics=Metrics(),
-        board=StatusBoard(),
+        board=StatusBoard(SMALL),
     )
     redis_server.stop(kill=True)
     decision = await admission.admit(KEY, 0)

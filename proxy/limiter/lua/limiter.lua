@@ -1,24 +1,35 @@
 -- The limiter for one key, atomically: the same steps as proxy/limiter/slots.py.
--- KEYS[1]: the key's reserved slot times, a list of integer microseconds, ascending: every
---          slot still inside its hold (W + pad), so always the last N that matter
+-- KEYS[1]: the key's arrival bounds (send time + pad), integer microseconds, ascending:
+--          every request still inside its hold (bound + W), so always the last N that matter
 -- KEYS[2]: the key's request count for the current limit day
 -- KEYS[3]: after an outage, "until_us:others": until then, decisions leave `others` slots
 --          of every window to the replicas that may still send local decisions
+-- KEYS[4]: while a cold key's probe is out, until when the others wait (us)
+-- KEYS[5]: the earliest time of the key's next batch slot (batch pacing)
+-- KEYS[6]: the key's limits learned from the upstream, "burst:window_us:daily"; when set,
+--          they replace ARGV[2], ARGV[3] and ARGV[5] (proxy/learned_limits.py)
 -- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts), "pause"
 --          (an upstream 429: take the whole window from now), "release" (give back the
---          slot in ARGV[7], reserved for a request that will never be sent) or "resume"
---          (after an outage: add the slots this replica took meanwhile, ARGV[13..], each
---          in us from now, and keep ARGV[8] slots of each window free for ARGV[7] us)
+--          bound in ARGV[7], reserved for a request that will never be sent), "anchor"
+--          (move the bound ARGV[7] ARGV[8] us later: its answer came back that late) or
+--          "resume" (after an outage: add the bounds this replica took meanwhile,
+--          ARGV[16..], each in us from now, and keep ARGV[8] slots of each window free
+--          for ARGV[7] us) or "learn" (keep ARGV[2], ARGV[3], ARGV[5] as the key's
+--          limits for a day; ARGV[7] "0": forget them)
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
--- ARGV[7..8] max_wait_us, shadow ("1" or "0")                   (acquire; release: the slot)
+-- ARGV[7..8] max_wait_us, shadow ("1" or "0")            (acquire; others: see ARGV[1])
 -- ARGV[9..11] upstream burst remaining, daily remaining (-1: none), and how many us ago
 --            the upstream said so; applied before deciding. For "pause", ARGV[11] < 0
 --            fills the window at that many us from now (the fallback's recovery floor)
 -- ARGV[12] when not empty replaces Redis TIME: tests use it to replay arrival times
+-- ARGV[13] probe_us: > 0 probes a cold key for at most that long (slots.decide)
+-- ARGV[14] pace_us: > 0 keeps batch slots that far apart
+-- ARGV[15] "1": these counts answer the key's probe; the others may go
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
--- burst_reset_us, daily_remaining, slot_us, queue_end_us}; times are relative to Redis
--- TIME, so replicas with skewed clocks agree (slot_us is the stored value, for a later
--- release; queue_end_us how far from now the key's latest slot lies).
+-- burst_reset_us, daily_remaining, slot_us, queue_end_us, probe, learned burst, window_us,
+-- daily (0 when the key has none)}; times are relative to
+-- Redis TIME, so replicas with skewed clocks agree (slot_us is the stored bound, for a
+-- later release or anchor; queue_end_us how far from now the key's latest send lies).
 local op = ARGV[1]
 local burst = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -36,27 +47,45 @@ if now == nil then
   local t = redis.call("TIME")
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local hold = window + pad
+local probe_for = tonumber(ARGV[13] or "0")
+local pace = tonumber(ARGV[14] or "0")
 local day_ttl_ms = math.ceil(day_ends_in / 1000) + 3600000
 
 if op == "release" then
   return redis.call("LREM", KEYS[1], 1, ARGV[7])
 end
+local LEARNED_TTL_MS = 86400000
+if op == "learn" then
+  if ARGV[7] == "0" then return redis.call("DEL", KEYS[6]) end
+  redis.call("SET", KEYS[6], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
+  return 1
+end
+-- Limits another replica learned from the upstream decide; kept while the key is in use.
+local learned = {0, 0, 0}
+local stored_limits = redis.call("GET", KEYS[6])
+if stored_limits then
+  local b, w, d = string.match(stored_limits, "^(%d+):(%d+):(%d+)$")
+  if b then
+    burst, window, daily = tonumber(b), tonumber(w), tonumber(d)
+    learned = {burst, window, daily}
+    redis.call("PEXPIRE", KEYS[6], LEARNED_TTL_MS)
+  end
+end
 
--- Drop the slots whose hold is over: they can no longer share a window with a new one.
+-- Drop the bounds whose hold is over: they can no longer share a window with a new one.
 local function trim()
   while true do
     local first = redis.call("LINDEX", KEYS[1], 0)
-    if not first or tonumber(first) + hold > now then return end
+    if not first or tonumber(first) + window > now then return end
     redis.call("LPOP", KEYS[1])
   end
 end
 
--- The list lives until its last slot's hold is over (and a second more).
+-- The list lives until its last bound's hold is over (and a second more).
 local function keep_until_last_hold()
   local last = redis.call("LINDEX", KEYS[1], -1)
   if last then
-    redis.call("PEXPIRE", KEYS[1], math.ceil((tonumber(last) - now + hold) / 1000) + 1000)
+    redis.call("PEXPIRE", KEYS[1], math.ceil((tonumber(last) - now + window) / 1000) + 1000)
   end
 end
 
@@ -86,22 +115,24 @@ local function add_at(at, count)
 end
 
 -- Believe the upstream when it said, at time `at`, that fewer remain than we know of.
+-- Requests it counted were sent by `at`: their bounds are sends plus the pad.
 local function observe(at)
+  local bound = at + pad
   if op == "pause" then
     local slots = redis.call("LRANGE", KEYS[1], 0, -1)
     local ahead = 0
     for i = #slots, 1, -1 do
-      if tonumber(slots[i]) >= at then ahead = ahead + 1 else break end
+      if tonumber(slots[i]) >= bound then ahead = ahead + 1 else break end
     end
-    add_at(at, burst - ahead)
+    add_at(bound, burst - ahead)
   elseif seen_burst >= 0 then
     local slots = redis.call("LRANGE", KEYS[1], 0, -1)
     local sent = 0
     for i = 1, #slots do
       local slot = tonumber(slots[i])
-      if slot > at - window and slot <= at then sent = sent + 1 end
+      if slot > bound - window and slot <= bound then sent = sent + 1 end
     end
-    add_at(at, math.min(burst, burst - seen_burst - sent))
+    add_at(bound, math.min(burst, burst - seen_burst - sent))
   end
   if seen_daily >= 0 then
     local known = daily - seen_daily
@@ -115,13 +146,13 @@ local function burst_view(slots, burst)
   local blocking, first = 0, nil
   for i = math.max(1, #slots - burst + 1), #slots do
     local slot = tonumber(slots[i])
-    if slot + hold > now then
+    if slot + window > now then
       blocking = blocking + 1
       if first == nil then first = slot end
     end
   end
   local reset = 0
-  if first ~= nil then reset = math.max(0, first + hold - now) end
+  if first ~= nil then reset = math.max(0, first + window - now) end
   return math.max(0, burst - blocking), reset
 end
 
@@ -133,8 +164,14 @@ local function transition_until()
   return tonumber(until_us or "0"), tonumber(others or "0")
 end
 
+if op == "anchor" then
+  if redis.call("LREM", KEYS[1], 1, ARGV[7]) == 1 then
+    add_at(tonumber(ARGV[7]) + tonumber(ARGV[8]), 1)
+  end
+  return 1
+end
 if op == "resume" then
-  for i = 13, #ARGV do add_at(now + tonumber(ARGV[i]), 1) end
+  for i = 16, #ARGV do add_at(now + tonumber(ARGV[i]), 1) end
   local others = tonumber(ARGV[8])
   if others > 0 and max_wait > 0 and now + max_wait > transition_until() then
     redis.call("SET", KEYS[3], string.format("%d:%d", now + max_wait, others),
@@ -143,6 +180,7 @@ if op == "resume" then
   return 1
 end
 observe(now - seen_age)
+if ARGV[15] == "1" then redis.call("DEL", KEYS[4]) end
 if op ~= "acquire" then return 1 end
 
 local count = tonumber(redis.call("GET", KEYS[2]) or "0")
@@ -150,30 +188,47 @@ local count = tonumber(redis.call("GET", KEYS[2]) or "0")
 local until_us, others = transition_until()
 if until_us > now then burst = math.max(1, burst - others) end
 
-local function answer(admitted, wait, retry_after, limited_by, slot)
+local function answer(admitted, wait, retry_after, limited_by, slot, probe)
   local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1), burst)
   local last = redis.call("LINDEX", KEYS[1], -1)
   local queue_end = 0
-  if last then queue_end = tonumber(last) - now end
+  if last then queue_end = tonumber(last) - pad - now end
   return {admitted, wait, retry_after, limited_by, remaining, reset, math.max(0, daily - count),
-          slot, queue_end}
+          slot, queue_end, probe or "", learned[1], learned[2], learned[3]}
 end
 
 if count >= daily and not shadow then
   return answer(0, 0, day_ends_in, "daily", -1)
 end
+-- A cold key (nothing in its hold): one request goes first, the others wait for its answer.
+local probe = ""
+if probe_for > 0 and not shadow then
+  local out_until = tonumber(redis.call("GET", KEYS[4]) or "0")
+  if out_until > now then return answer(0, 0, out_until - now, "burst", -1, "other") end
+  if redis.call("LLEN", KEYS[1]) == 0 then probe = "this" end
+end
 local slot = now
 if redis.call("LLEN", KEYS[1]) >= burst then
-  slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -burst)) + hold)
+  slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -burst)) + window)
 end
+if pace > 0 then slot = math.max(slot, tonumber(redis.call("GET", KEYS[5]) or "0")) end
 local wait = slot - now
 if wait > max_wait and not shadow then
   return answer(0, 0, wait, "burst", -1)
 end
+if probe == "this" then
+  redis.call("SET", KEYS[4], string.format("%d", now + probe_for), "PX",
+             math.ceil(probe_for / 1000) + 1000)
+end
+if pace > 0 then
+  redis.call("SET", KEYS[5], string.format("%d", slot + pace), "PX",
+             math.ceil((slot + pace - now) / 1000) + 1000)
+end
 
--- Shadow mode sends at once, so the slot really used is now.
+-- Shadow mode sends at once, so the slot really used is now; kept as its arrival bound.
 local used = slot
 if shadow then used = now end
+used = used + pad
 add_at(used, 1)
 -- Nothing is given back in shadow mode: the last N are all that matter (slots.py).
 if shadow then redis.call("LTRIM", KEYS[1], -burst, -1) end
@@ -187,4 +242,4 @@ elseif shadow and wait > max_wait then
   limited_by = "burst"
 end
 if shadow then used = -1 end
-return answer(1, wait, 0, limited_by, used)
+return answer(1, wait, 0, limited_by, used, probe)

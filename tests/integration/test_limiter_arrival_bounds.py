@@ -1,0 +1,285 @@
+"""The limiter's arrival bounds, cold-key probes, batch pacing and learned limits, held
+the same on every backend (memory, Redis), on a clock the test moves by hand.
+
+The upstream counts a request when it arrives, somewhere between its send and its send
+plus the pad (or its answer, when that came later and was anchored). These tests pin that
+no W-window of such arrivals ever holds more than N, whatever the pads and delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.harness.redis_server import RedisServer
+from proxy.limiter.base import Limiter, Limits, UpstreamCounts
+from proxy.limiter.memory import MemoryLimiter
+from proxy.limiter.redis import RedisLimiter
+from proxy.typing import ResourceKey
+from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
+
+LimiterFactory = Callable[[ManualClock], Limiter]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_limiter(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[LimiterFactory]:
+    """A factory for a limiter of each backend on a given clock."""
+    if request.param == "memory":
+        yield MemoryLimiter
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        yield lambda clock: RedisLimiter(client, clock=clock)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_longer_pad_holds_its_own_slot_longer(make_limiter) -> None:
+    """A request decided with a pad of 0.4 s keeps its place until its send + 0.4 + W: the
+    N-th request after it waits for that, not for the pad of whoever decides next."""
+    limiter = make_limiter(ManualClock())
+    slow = replace(SMALL, pad_s=0.4)
+    await limiter.acquire(KEY, slow, TODAY, 30)
+    for _ in range(4):
+        await limiter.acquire(KEY, SMALL, TODAY, 30)
+    sixth = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert sixth.wait_s == pytest.approx(1.1)  # the earliest bound: 0 + 0.1, the 4 others
+    seventh = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert seventh.wait_s == pytest.approx(1.1)
+    # Five of the bounds are now 0.1 (four) and 0.4 (one); the 0.4 one comes last.
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(3)]
+    assert waits == pytest.approx([1.1, 1.1, 1.4])
+
+
+async def test_an_answer_later_than_its_pad_moves_its_bound(make_limiter) -> None:
+    """A request answered 0.3 s after its bound may have arrived that late: the request
+    N places after it waits for W after the answer, not after the bound."""
+    limiter = make_limiter(ManualClock())
+    first = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    for _ in range(4):
+        await limiter.acquire(KEY, SMALL, TODAY, 30)
+    await limiter.anchor(KEY, SMALL, first, 0.3)
+    sixth = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert sixth.wait_s == pytest.approx(1.1)  # another bound at 0.1 is the 5th latest
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30)).wait_s for _ in range(4)]
+    assert waits == pytest.approx([1.1, 1.1, 1.1, 1.4])
+
+
+async def test_a_cold_keys_first_request_probes_and_the_others_wait_for_its_answer(
+    make_limiter,
+) -> None:
+    """On a key with nothing in its hold the first request goes alone; the others are told
+    to ask again until its answer is applied, then decide on what it said."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    probe = await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)
+    assert probe.admitted and probe.probe == "this" and probe.wait_s == 0
+    other = await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)
+    assert not other.admitted and other.probe == "other"
+    assert other.retry_after_s == pytest.approx(2.0, abs=0.01)
+    clock.advance(0.2)
+    # The answer: one left in the upstream's window (traffic the proxy never saw).
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(1, None, end_probe=True))
+    waits = [(await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)) for _ in range(2)]
+    assert [d.probe for d in waits] == ["", ""]
+    assert waits[0].wait_s == 0
+    # Four bounds (the probe's at 0.1, three unseen at 0.3) and one more now: the next
+    # slot is W after the probe's bound, 0.9 s from now.
+    assert waits[1].wait_s == pytest.approx(0.9)
+
+
+async def test_an_unanswered_probe_lets_the_others_go_when_it_expires(make_limiter) -> None:
+    """A probe whose answer never comes (its replica died) holds the others back only
+    until it expires; the key is not cold then (the probe is in its hold)."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=0.5)
+    clock.advance(0.51)
+    later = await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=0.5)
+    assert later.admitted and later.probe == ""
+
+
+async def test_a_key_idle_for_a_hold_is_probed_again(make_limiter) -> None:
+    """Once nothing of a key is in its hold (W after the last bound), it is cold again."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    first = await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)
+    await limiter.observe(KEY, SMALL, TODAY, UpstreamCounts(4, None, end_probe=True))
+    busy = await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)
+    assert first.probe == "this" and busy.probe == ""
+    clock.advance(1.11)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)).probe == "this"
+
+
+async def test_batch_slots_are_paced_and_leave_the_next_slot_to_interactive_ones(
+    make_limiter,
+) -> None:
+    """Batch requests (paced W/N = 0.2 s) take one slot per interval at most; an
+    interactive request in between takes the earliest slot at once."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    first = await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)
+    second = await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)
+    assert first.admitted and not second.admitted
+    assert second.retry_after_s == pytest.approx(0.2)
+    interactive = await limiter.acquire(KEY, SMALL, TODAY, 30)
+    assert interactive.admitted and interactive.wait_s == 0
+    clock.advance(0.2)
+    assert (await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)).admitted
+
+
+def reference_bounds(
+    requests: list[tuple[int, int, int]], burst: int, window_ms: int, max_wait_ms: float
+) -> list[int | None]:
+    """The plain model: each request (arrival, pad, late) keeps its bound, slot + pad +
+    late; a slot is W after the N-th latest bound."""
+    bounds: list[int] = []
+    result: list[int | None] = []
+    for at, pad, late in requests:
+        ordered = sorted(bounds)
+        slot = at if len(ordered) < burst else max(at, ordered[-burst] + window_ms)
+        if slot - at > max_wait_ms:
+            result.append(None)
+        else:
+            bounds.append(slot + pad + late)
+            result.append(slot)
+    return result
+
+
+def max_in_any_window(arrivals: list[float], window_ms: int) -> int:
+    ordered = sorted(arrivals)
+    return max(
+        (sum(1 for other in ordered if start <= other < start + window_ms) for start in ordered),
+        default=0,
+    )
+
+
+@pytest.fixture
+def event_loop_for_hypothesis() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+_example_ids = itertools.count()
+_redis_for_property: dict[str, RedisServer] = {}
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=300),  # gap before the request, ms
+            st.integers(min_value=0, max_value=80),  # its pad, ms
+            st.one_of(st.just(0), st.integers(min_value=1, max_value=120)),  # answer late by
+            st.floats(min_value=0, max_value=1),  # where in its bound it arrives
+        ),
+        min_size=1,
+        max_size=50,
+    ),
+    burst=st.integers(min_value=1, max_value=6),
+    window_ms=st.integers(min_value=50, max_value=1000),
+    max_wait_ms=st.integers(min_value=0, max_value=3000),
+)
+def test_arrivals_within_their_bounds_never_fill_a_window_past_n(
+    backend, tmp_path_factory, event_loop_for_hypothesis, requests, burst, window_ms, max_wait_ms
+) -> None:
+    """Each request has its own pad, and some answers come back later than it (anchored
+    at once); every backend gives the model's slots, and however each request's arrival
+    falls between its send and its bound, no window of W holds more than N arrivals."""
+    times = list(itertools.accumulate(gap for gap, *_ in requests))
+    steps = [(at, pad, late) for at, (_, pad, late, _) in zip(times, requests, strict=True)]
+    expected = reference_bounds(steps, burst, window_ms, max_wait_ms + 0.5)
+    limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=0.0, daily=10**9)
+    got = event_loop_for_hypothesis.run_until_complete(
+        _replay(backend, tmp_path_factory, steps, limits, (max_wait_ms + 0.5) / 1000)
+    )
+    assert [None if g is None else round(g) for g in got] == expected
+    arrivals = [
+        slot + where * (pad + late)
+        for slot, (_, pad, late, where) in zip(expected, requests, strict=True)
+        if slot is not None
+    ]
+    assert max_in_any_window(arrivals, window_ms) <= burst
+
+
+async def _replay(
+    backend: str,
+    tmp_path_factory,
+    steps: list[tuple[int, int, int]],
+    limits: Limits,
+    max_wait_s: float,
+) -> list[float | None]:
+    """Each request's slot in ms on a fresh key (None: refused), anchoring late answers."""
+    clock = ManualClock()
+    key = ResourceKey("app", "location", f"bounds-{next(_example_ids)}")
+    client = None
+    if backend == "memory":
+        limiter: Limiter = MemoryLimiter(clock)
+    else:
+        server = _redis_for_property.get("server")
+        if server is None:
+            server = RedisServer(tmp_path_factory.mktemp("redis-bounds")).start()
+            _redis_for_property["server"] = server
+        client = aioredis.Redis.from_url(server.url)
+        limiter = RedisLimiter(client, clock=clock)
+    start = clock.now
+    slots: list[float | None] = []
+    try:
+        for at, pad_ms, late_ms in steps:
+            clock.now = start + at / 1000
+            own = replace(limits, pad_s=pad_ms / 1000)
+            decision = await limiter.acquire(key, own, TODAY, max_wait_s)
+            slots.append((at + decision.wait_s * 1000) if decision.admitted else None)
+            if decision.admitted and late_ms:
+                await limiter.anchor(key, own, decision, late_ms / 1000)
+    finally:
+        if client is not None:
+            await client.aclose()
+    return slots
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_property_redis() -> Iterator[None]:
+    yield
+    server = _redis_for_property.pop("server", None)
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_limiter(tmp_path) -> AsyncIterator[tuple[RedisLimiter, RedisLimiter]]:
+    """Two replicas' limiters on one Redis and one clock."""
+    server = RedisServer(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url)
+    clock = ManualClock()
+    try:
+        yield RedisLimiter(client, clock=clock), RedisLimiter(client, clock=clock)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_limits_one_replica_learned_decide_for_every_replica(redis_limiter) -> None:
+    """Replica A learns 2 per window for the key; replica B, asking with the configured 5,
+    is decided on 2 and told which limits decided."""
+    a, b = redis_limiter
+    learned = replace(SMALL, burst=2)
+    await a.learn(KEY, learned)
+    decisions = [await b.acquire(KEY, SMALL, TODAY, 30) for _ in range(3)]
+    assert [d.wait_s for d in decisions] == pytest.approx([0, 0, 1.1])
+    assert decisions[0].limits == learned
+    await a.learn(KEY, SMALL, forget=True)
+    assert (await b.acquire(KEY, SMALL, TODAY, 30)).limits is None
