@@ -10,8 +10,9 @@ Three kinds of wait besides a slot's (docs/architecture.md, "Admission"):
 - a cold key's probe: the first request to a key with nothing in its hold goes alone, and
   the others ask again once its answer is known (or after `PROBE_WAIT_S`), because
   traffic the proxy never saw may already fill the window;
-- batch requests: one per key at a time asks for a slot free now (paced W/N apart), the
-  others wait in the `BatchLine`, so interactive requests always find the next slot;
+- batch requests: one per key at a time asks for a slot free now, as if the limit were
+  one less (`BATCH_HEADROOM`), and the others wait in the `BatchLine`, weighted by caller;
+  so a slot of every window is left to interactive requests, which take it at once;
 - the daily reserve: the last `limits.daily.reserve` requests of a day are interactive.
 """
 
@@ -53,8 +54,10 @@ log = logging.getLogger(__name__)
 # another replica's.
 PROBE_WAIT_S = 2.0
 PROBE_POLL_S = 0.05
-# A batch request takes a slot only if it is free within this share of the slot interval
-# (W/N): never one an interactive request arriving meanwhile could have had.
+# Slots of every window batch requests leave free for interactive ones; and a batch
+# request takes a slot only if it is free within this share of the slot interval (W/N), so
+# it never holds a place in the shared queue that an interactive request could want.
+BATCH_HEADROOM = 1
 BATCH_GATE_SHARE = 0.1
 
 
@@ -184,14 +187,14 @@ class Admission:
         return decision
 
     async def _decide(
-        self, key: ResourceKey, deadline: float, limits: Limits, *, pace_s: float = 0.0
+        self, key: ResourceKey, deadline: float, limits: Limits, *, batch: bool = False
     ) -> Decision:
         """The limiter's decision within the deadline; refusals raise RateLimited.
 
         Asks again, rather than refuse, while another request probes the cold key (for at
         most PROBE_WAIT_S, whatever the deadline), and
-        (a batch request, `pace_s` > 0) while the next slot is not free yet but will be
-        before the deadline: a batch request never reserves a slot ahead.
+        (a batch request) while the next slot is not free yet but will be before the
+        deadline: a batch request never reserves a slot ahead.
         """
         # Waiting for a probe's answer is waiting for news, not for a slot: allowed even
         # to a request that may not queue, for as long as a probe may be out.
@@ -199,12 +202,13 @@ class Admission:
         while True:
             now = time.monotonic()
             left = max(0.0, deadline - now)
-            max_wait_s = min(left, pace_s * BATCH_GATE_SHARE) if pace_s > 0 else left
-            decision = await self._ask(key, limits, max_wait_s, pace_s)
+            gate = limits.window_s / limits.burst * BATCH_GATE_SHARE
+            max_wait_s = min(left, gate) if batch else left
+            decision = await self._ask(key, limits, max_wait_s, BATCH_HEADROOM if batch else 0)
             if decision.probe == "other" and now < probe_deadline:
                 await self._probe_answered(key, min(decision.retry_after_s, PROBE_POLL_S))
             elif (
-                pace_s > 0
+                batch
                 and not decision.admitted
                 and decision.limited_by == "burst"
                 and decision.retry_after_s <= left
@@ -214,16 +218,15 @@ class Admission:
                 return self._decided(key, decision, left)
 
     async def _decide_batch(self, key: ResourceKey, deadline: float) -> Decision:
-        """A batch request's slot: free now, paced W/N apart, and never one of the day's
-        reserve."""
+        """A batch request's slot: free now, one of every window left to interactive
+        requests, and never one of the day's reserve."""
         limits = self.limits_for(key)
-        pace_s = limits.window_s / limits.burst
         if self._daily_reserve:
             limits = dataclasses.replace(limits, daily=max(0, limits.daily - self._daily_reserve))
-        return await self._decide(key, deadline, limits, pace_s=pace_s)
+        return await self._decide(key, deadline, limits, batch=True)
 
     async def _ask(
-        self, key: ResourceKey, limits: Limits, max_wait_s: float, pace_s: float
+        self, key: ResourceKey, limits: Limits, max_wait_s: float, headroom: int
     ) -> Decision:
         try:
             decision = await self._limiter.acquire(
@@ -233,7 +236,7 @@ class Admission:
                 max_wait_s,
                 shadow=self.shadow,
                 probe_s=0.0 if self.shadow else PROBE_WAIT_S,
-                pace_s=pace_s,
+                headroom=headroom,
             )
         except LimiterUnavailable:
             if not self.shadow:

@@ -111,13 +111,13 @@ class Limiter(Protocol):
         *,
         shadow: bool = False,
         probe_s: float = 0.0,
-        pace_s: float = 0.0,
+        headroom: int = 0,
     ) -> Decision:
         """Reserve the earliest slot for `key`, or refuse if it is more than `max_wait_s` away.
 
         With `shadow`, decide the same way but record the request as sent now and never
-        refuse it: the caller reports the decision and sends at once. `probe_s` and
-        `pace_s`: cold-key probes and batch pacing (slots.decide).
+        refuse it: the caller reports the decision and sends at once. `probe_s` > 0 probes
+        a cold key; `headroom` leaves that many slots of every window free (slots.decide).
         """
         ...
 

@@ -87,7 +87,7 @@ class _Asked:
     max_wait_s: float
     shadow: bool
     probe_s: float
-    pace_s: float
+    headroom: int
 
 
 class QueueEnds:
@@ -169,9 +169,9 @@ class FallbackLimiter:
         *,
         shadow: bool = False,
         probe_s: float = 0.0,
-        pace_s: float = 0.0,
+        headroom: int = 0,
     ) -> Decision:
-        asked = _Asked(max_wait_s, shadow, probe_s, pace_s)
+        asked = _Asked(max_wait_s, shadow, probe_s, headroom)
         # Requests for the key a probe is deciding wait for it: a local slot taken meanwhile
         # would be missing from what the probe writes to Redis before its decision there.
         while (probe := self._probe) is not None and probe[0] == key:
@@ -209,7 +209,7 @@ class FallbackLimiter:
                 asked.max_wait_s,
                 shadow=asked.shadow,
                 probe_s=asked.probe_s,
-                pace_s=asked.pace_s,
+                headroom=asked.headroom,
             )
         except LimiterUnavailable as exc:
             self._went_down(exc, asked_at)
@@ -295,13 +295,13 @@ class FallbackLimiter:
     ) -> Decision:
         """A local decision, waiting at most a window, on a window that starts with what
         this replica knew of the shared one (see the module docstring). No cold-key probe:
-        the window starts full anyway. Batch pacing follows this replica's share."""
+        the window starts full anyway."""
         if key not in self._seeded:
             _remember(self._seeded, key, self._max_keys)
             await self._start_local_window(key, share, day)
         wait_s = min(asked.max_wait_s, local_wait_s(share))
         decision = await self._local.acquire(
-            key, share, day, wait_s, shadow=asked.shadow, pace_s=asked.pace_s * (self._share or 1)
+            key, share, day, wait_s, shadow=asked.shadow, headroom=asked.headroom
         )
         return dataclasses.replace(decision, local=True)
 

@@ -42,15 +42,14 @@ _ANY_DAY = Day(id="release", ends_in_s=0.0)
 
 
 def redis_keys(key: ResourceKey, day: Day) -> list[str]:
-    """The bounds list, today's counter, the after-outage marker, the cold-key probe, the
-    batch pace and the learned limits of `key`, sharing one cluster hash slot."""
+    """The bounds list, today's counter, the after-outage marker, the cold-key probe and
+    the learned limits of `key`, sharing one cluster hash slot."""
     base = f"{KEY_PREFIX}:{{{key.tag}}}"
     return [
         f"{base}:burst",
         f"{base}:day:{day.id}",
         f"{base}:transition",
         f"{base}:probe",
-        f"{base}:pace",
         f"{base}:limits",
     ]
 
@@ -96,7 +95,7 @@ class RedisLimiter:
         *,
         shadow: bool = False,
         probe_s: float = 0.0,
-        pace_s: float = 0.0,
+        headroom: int = 0,
     ) -> Decision:
         seen = self._seen.pop(key, None)
         reply = await self._call(
@@ -108,7 +107,7 @@ class RedisLimiter:
             shadow,
             seen,
             probe_s=probe_s,
-            pace_s=pace_s,
+            headroom=headroom,
         )
         admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot, end = (
             reply[:9]
@@ -229,7 +228,7 @@ class RedisLimiter:
         others: int = 0,
         extra: list[str] | None = None,
         probe_s: float = 0.0,
-        pace_s: float = 0.0,
+        headroom: int = 0,
         end_probe: bool = False,
     ) -> Any:
         """ARGV[7] is the longest wait for `acquire`, the bound for `release` and
@@ -252,8 +251,8 @@ class RedisLimiter:
         args += [
             "" if self._clock is None else _us(self._clock()),
             _us(probe_s),
-            _us(pace_s),
             "1" if end_probe else "0",
+            headroom,
             *(extra or ()),
         ]
         try:

@@ -25,6 +25,7 @@ that safe: `slots[-N]` stays the N-th latest of all bounds not given back.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass, field
 
 from proxy.limiter.base import Day, Decision, Limits, Probe, UpstreamCounts
@@ -40,7 +41,6 @@ class KeyState:
     day_id: str = ""
     day_count: int = 0
     probe_until: float = 0.0
-    batch_next: float = 0.0
 
     def roll_day(self, day: Day) -> None:
         if self.day_id != day.id:
@@ -79,7 +79,7 @@ def decide(
     *,
     shadow: bool,
     probe_s: float = 0.0,
-    pace_s: float = 0.0,
+    headroom: int = 0,
 ) -> Decision:
     """Reserve a slot (or refuse), updating `state`. See the module docstring.
 
@@ -87,8 +87,8 @@ def decide(
     goes alone (`Decision.probe == "this"`), and until its answer clears the probe
     (`end_probe`), or `probe_s` passes, the others are told to ask again
     (`probe == "other"`): traffic the proxy never saw may fill the window, and that
-    answer's counts say so. `pace_s` > 0 (batch requests) also keeps the key's batch
-    slots at least that far apart, so they leave room for interactive ones every interval.
+    answer's counts say so. `headroom` > 0 decides as if the limit were that many
+    fewer (batch requests leave those slots of every window to interactive ones).
     """
     state.roll_day(day)
     trim(state, limits, now)
@@ -100,15 +100,11 @@ def decide(
             return refusal(state, limits, day, now, "burst", state.probe_until - now, "other")
         if not state.slots:
             probe, state.probe_until = "this", now + probe_s
-    slot = next_slot(state.slots, limits, now)
-    if pace_s > 0:
-        slot = max(slot, state.batch_next)
+    slot = next_slot(state.slots, _less(limits, headroom) if headroom else limits, now)
     wait = slot - now
     if wait > max_wait_s and not shadow:
         state.probe_until = 0.0 if probe else state.probe_until
         return refusal(state, limits, day, now, "burst", wait)
-    if pace_s > 0:
-        state.batch_next = slot + pace_s
     # Shadow mode sends at once, so the slot actually used is `now`.
     used = (now if shadow else slot) + limits.pad_s
     bisect.insort(state.slots, used)
@@ -132,6 +128,10 @@ def decide(
         probe=probe,
         pad_s=limits.pad_s,
     )
+
+
+def _less(limits: Limits, headroom: int) -> Limits:
+    return dataclasses.replace(limits, burst=max(1, limits.burst - headroom))
 
 
 def end_probe(state: KeyState) -> None:

@@ -120,21 +120,18 @@ async def test_a_key_idle_for_a_hold_is_probed_again(make_limiter) -> None:
     assert (await limiter.acquire(KEY, SMALL, TODAY, 30, probe_s=2.0)).probe == "this"
 
 
-async def test_batch_slots_are_paced_and_leave_the_next_slot_to_interactive_ones(
+async def test_batch_requests_leave_a_slot_of_every_window_to_interactive_ones(
     make_limiter,
 ) -> None:
-    """Batch requests (paced W/N = 0.2 s) take one slot per interval at most; an
-    interactive request in between takes the earliest slot at once."""
+    """With a headroom of 1, batch requests take 4 of the 5 slots of a window; the fifth
+    goes to an interactive request at once."""
     clock = ManualClock()
     limiter = make_limiter(clock)
-    first = await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)
-    second = await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)
-    assert first.admitted and not second.admitted
-    assert second.retry_after_s == pytest.approx(0.2)
+    batch = [await limiter.acquire(KEY, SMALL, TODAY, 0.02, headroom=1) for _ in range(5)]
+    assert [d.admitted for d in batch] == [True] * 4 + [False]
+    assert batch[-1].retry_after_s == pytest.approx(1.1)
     interactive = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert interactive.admitted and interactive.wait_s == 0
-    clock.advance(0.2)
-    assert (await limiter.acquire(KEY, SMALL, TODAY, 0.02, pace_s=0.2)).admitted
 
 
 def reference_bounds(

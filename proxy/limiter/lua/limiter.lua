@@ -5,8 +5,7 @@
 -- KEYS[3]: after an outage, "until_us:others": until then, decisions leave `others` slots
 --          of every window to the replicas that may still send local decisions
 -- KEYS[4]: while a cold key's probe is out, until when the others wait (us)
--- KEYS[5]: the earliest time of the key's next batch slot (batch pacing)
--- KEYS[6]: the key's limits learned from the upstream, "burst:window_us:daily"; when set,
+-- KEYS[5]: the key's limits learned from the upstream, "burst:window_us:daily"; when set,
 --          they replace ARGV[2], ARGV[3] and ARGV[5] (proxy/learned_limits.py)
 -- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts), "pause"
 --          (an upstream 429: take the whole window from now), "release" (give back the
@@ -23,8 +22,9 @@
 --            fills the window at that many us from now (the fallback's recovery floor)
 -- ARGV[12] when not empty replaces Redis TIME: tests use it to replay arrival times
 -- ARGV[13] probe_us: > 0 probes a cold key for at most that long (slots.decide)
--- ARGV[14] pace_us: > 0 keeps batch slots that far apart
--- ARGV[15] "1": these counts answer the key's probe; the others may go
+-- ARGV[14] "1": these counts answer the key's probe; the others may go
+-- ARGV[15] headroom: decide as if the limit were this many fewer (batch requests leave
+--          that many slots of every window to interactive ones)
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
 -- burst_reset_us, daily_remaining, slot_us, queue_end_us, probe, learned burst, window_us,
 -- daily (0 when the key has none)}; times are relative to
@@ -48,7 +48,7 @@ if now == nil then
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local probe_for = tonumber(ARGV[13] or "0")
-local pace = tonumber(ARGV[14] or "0")
+local headroom = tonumber(ARGV[15] or "0")
 local day_ttl_ms = math.ceil(day_ends_in / 1000) + 3600000
 
 if op == "release" then
@@ -56,19 +56,19 @@ if op == "release" then
 end
 local LEARNED_TTL_MS = 86400000
 if op == "learn" then
-  if ARGV[7] == "0" then return redis.call("DEL", KEYS[6]) end
-  redis.call("SET", KEYS[6], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
+  if ARGV[7] == "0" then return redis.call("DEL", KEYS[5]) end
+  redis.call("SET", KEYS[5], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
   return 1
 end
 -- Limits another replica learned from the upstream decide; kept while the key is in use.
 local learned = {0, 0, 0}
-local stored_limits = redis.call("GET", KEYS[6])
+local stored_limits = redis.call("GET", KEYS[5])
 if stored_limits then
   local b, w, d = string.match(stored_limits, "^(%d+):(%d+):(%d+)$")
   if b then
     burst, window, daily = tonumber(b), tonumber(w), tonumber(d)
     learned = {burst, window, daily}
-    redis.call("PEXPIRE", KEYS[6], LEARNED_TTL_MS)
+    redis.call("PEXPIRE", KEYS[5], LEARNED_TTL_MS)
   end
 end
 
@@ -180,13 +180,14 @@ if op == "resume" then
   return 1
 end
 observe(now - seen_age)
-if ARGV[15] == "1" then redis.call("DEL", KEYS[4]) end
+if ARGV[14] == "1" then redis.call("DEL", KEYS[4]) end
 if op ~= "acquire" then return 1 end
 
 local count = tonumber(redis.call("GET", KEYS[2]) or "0")
 -- Right after an outage, replicas still deciding locally keep their share of each window.
 local until_us, others = transition_until()
 if until_us > now then burst = math.max(1, burst - others) end
+if headroom > 0 then burst = math.max(1, burst - headroom) end
 
 local function answer(admitted, wait, retry_after, limited_by, slot, probe)
   local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1), burst)
@@ -211,7 +212,6 @@ local slot = now
 if redis.call("LLEN", KEYS[1]) >= burst then
   slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -burst)) + window)
 end
-if pace > 0 then slot = math.max(slot, tonumber(redis.call("GET", KEYS[5]) or "0")) end
 local wait = slot - now
 if wait > max_wait and not shadow then
   return answer(0, 0, wait, "burst", -1)
@@ -219,10 +219,6 @@ end
 if probe == "this" then
   redis.call("SET", KEYS[4], string.format("%d", now + probe_for), "PX",
              math.ceil(probe_for / 1000) + 1000)
-end
-if pace > 0 then
-  redis.call("SET", KEYS[5], string.format("%d", slot + pace), "PX",
-             math.ceil((slot + pace - now) / 1000) + 1000)
 end
 
 -- Shadow mode sends at once, so the slot really used is now; kept as its arrival bound.
