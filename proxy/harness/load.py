@@ -14,6 +14,12 @@ during the outage) and at the callers (answers by status). The tests assert on t
 `bench/faults.py` prints them. Nothing here sleeps to order events: each phase waits for
 state it can see (Redis answering PING, the proxies' `limiter_degraded` gauge, the
 simulator's counts); the only sleep is the length of the fault itself.
+
+`run_steady` runs the same load with no fault, over the limit, until every location has
+been held at its limit for whole windows, and measures the admitted share of the limit
+from the simulator's admission history (`whole_cycles`): with the simulator's
+`arrival_delay_ms` on, how much of the limit the proxies keep while leaving room for the
+jitter between their sends and the upstream's counter. `bench/jitter.py` prints it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import aiohttp
 from proxy.harness.processes import ServiceProcess
 from proxy.harness.redis_server import RedisServer
 from proxy.harness.tokens import SIM_CLIENT_ID
+from proxy.simulator.config import WindowKind
 from proxy.simulator.testing import RunningSimulator
 
 API_PATH = "/contacts/"
@@ -62,6 +69,11 @@ class Scenario:
     max_wait_ms: int = 30000
     arrivals: Arrivals = "even"
     seed: int = 9
+    max_pad_ms: int = 1000
+    # The simulator's side: its burst window, and the most its arrival delay adds (a
+    # uniform draw from 0) between a request's arrival and the limits' count of it.
+    window: WindowKind = "sliding"
+    arrival_delay_ms: float = 0.0
 
     @property
     def window_s(self) -> float:
@@ -78,8 +90,11 @@ class Scenario:
         return self.rate_per_s / self.limit_per_s
 
     def simulator_limits(self) -> dict[str, Any]:
-        # A sliding window is the strict one: any W-long stretch holds at most N.
-        return {"burst": self.burst, "interval_ms": self.interval_ms, "window": "sliding"}
+        # Sliding by default, the strict one: any W-long stretch holds at most N.
+        return {"burst": self.burst, "interval_ms": self.interval_ms, "window": self.window}
+
+    def simulator_faults(self) -> dict[str, Any]:
+        return {"arrival_delay_ms": self.arrival_delay_ms}
 
     def proxy_overrides(self, redis_url: str) -> dict[str, Any]:
         """The config sections every replica gets (merged into a minimal proxy config)."""
@@ -94,10 +109,19 @@ class Scenario:
                     "requests": self.burst,
                     "interval_ms": self.interval_ms,
                     "pad_ms": self.pad_ms,
+                    "max_pad_ms": self.max_pad_ms,
                 }
             },
             "queue": {"mode": "queue", "max_wait_ms": self.max_wait_ms},
         }
+
+
+# Held over the limit, for the jitter runs: 5 locations of 30 per 6 s (W long enough that
+# a pad near 0.35 s still leaves 94% of the limit), 30 req/s evenly spaced (120% of the
+# limit: every location held at its limit from its second window on), a pad floor of 50 ms.
+OVER_THE_LIMIT = Scenario(
+    locations=5, rate_per_s=30.0, burst=30, interval_ms=6000, pad_ms=50, max_wait_ms=6000
+)
 
 
 @dataclass(frozen=True)
@@ -373,6 +397,7 @@ async def run_fault(
 ) -> Figures:
     """Load, the fault, the way back, a window more; then the figures."""
     sim.state.set_limits(scenario.simulator_limits())
+    sim.state.set_faults(scenario.simulator_faults())
     tokens = install_locations(sim, scenario.locations)
     give_up_s = scenario.max_wait_ms / 1000 + 30
     window = scenario.locations * scenario.burst  # admissions a full window holds
@@ -462,6 +487,119 @@ FAULTS: dict[FaultKind, FaultRun] = {
     "kill": kill_and_restart,
     "stop": stop_and_continue,
 }
+
+
+# -- held over the limit: the admitted share ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cycles:
+    """Whole cycles of one location's admissions: `count` runs of N admissions (from one
+    admission to the N-th after it) took `span_s` together, on the simulator's clock."""
+
+    count: int
+    span_s: float
+
+
+def whole_cycles(times: list[float], burst: int, skip: int) -> Cycles:
+    """The whole cycles in `times` (one location's admissions, oldest first) after the first
+    `skip`: from admission `skip` to admission `skip + k*N`, k as large as fits.
+
+    Admissions come in bunches (a freed window lets a bunch through), so a count over a
+    set stretch of time depends on where the stretch cuts them; a whole cycle does not.
+    Held at the limit, each cycle lasts W plus whatever the proxies leave unused, so
+    k*W / span is the share of the limit the location got.
+    """
+    steady = times[skip:]
+    count = (len(steady) - 1) // burst if steady else 0
+    return Cycles(count, steady[count * burst] - steady[0] if count else 0.0)
+
+
+def tightest_gap(times: list[float], burst: int) -> float:
+    """The least time from an admission to the N-th after it (inf when there are not N+1):
+    above W whenever the upstream's sliding window let all of them through."""
+    gaps = [later - earlier for earlier, later in zip(times, times[burst:], strict=False)]
+    return min(gaps, default=float("inf"))
+
+
+@dataclass(frozen=True)
+class SteadyFigures:
+    """A run over the limit with no fault. Upstream counts are the simulator's, over the
+    whole run; the cycles are each location's, from its second window of admissions on
+    (the first window's went out at once, before anything was held)."""
+
+    scenario: Scenario
+    upstream_429s: int
+    sends: int  # requests that reached the simulator, resends included
+    resends: int  # of those, sent again by a proxy (after an upstream 429), from its metrics
+    answers: Counter[tuple[int, str | None]]
+    cycles: tuple[Cycles, ...]  # by location
+    tightest_s: float  # tightest_gap over every location
+    most_delay_s: float  # the longest arrival delay the simulator drew
+
+    @property
+    def share(self) -> float:
+        """The admitted share of the limit over every location's whole cycles together."""
+        span = sum(c.span_s for c in self.cycles)
+        count = sum(c.count for c in self.cycles)
+        return count * self.scenario.window_s / span if span else 0.0
+
+    @property
+    def lowest_share(self) -> float:
+        """The share of the location that got the least."""
+        window_s = self.scenario.window_s
+        return min((c.count * window_s / c.span_s if c.span_s else 0.0) for c in self.cycles)
+
+    @property
+    def failures(self) -> dict[tuple[int, str | None], int]:
+        """Answers that are neither a 200 nor a 429: a 5xx of the proxy, or no answer."""
+        return {key: n for key, n in self.answers.items() if key[0] not in (200, 429)}
+
+    def line(self) -> str:
+        s = self.scenario
+        return (
+            f"jitter {s.arrival_delay_ms:g} ms, {s.window} window: upstream 429s "
+            f"{self.upstream_429s}, admitted share {self.share:.3f} (lowest location "
+            f"{self.lowest_share:.3f}; {sum(c.count for c in self.cycles)} whole cycles over "
+            f"{sum(c.span_s for c in self.cycles):.1f} s), tightest N-apart admissions W"
+            f"{1000 * (self.tightest_s - s.window_s):+.0f} ms, sends {self.sends} (resends "
+            f"{self.resends}), answers {dict(self.answers)}, longest delay drawn "
+            f"{1000 * self.most_delay_s:.0f} ms"
+        )
+
+
+async def run_steady(
+    sim: RunningSimulator, proxies: list[ServiceProcess], scenario: Scenario, cycles: int = 2
+) -> SteadyFigures:
+    """Load over the limit until every location has `cycles` whole cycles after its first
+    window admitted, then no new request and every held one answered; the figures."""
+    sim.state.set_limits(scenario.simulator_limits())
+    sim.state.set_faults(scenario.simulator_faults())
+    tokens = install_locations(sim, scenario.locations)
+    give_up_s = scenario.max_wait_ms / 1000 + 30
+    enough = (1 + cycles) * scenario.burst + 1
+    async with aiohttp.ClientSession() as http:
+        replicas = Replicas(proxies, http)
+        with no_gc_pauses():
+            async with OpenLoad(replicas.urls, tokens, arrivals(scenario), give_up_s) as load:
+                await until(
+                    lambda: all(len(sim.state.admitted_times(r)) >= enough for r in tokens), load
+                )
+                answers = await load.stop()
+        resends = sum(await replicas.each(RESENDS_METRIC))
+    stats = sim.state.stats()
+    admitted = [sim.state.admitted_times(resource) for resource in tokens]
+    delays = [t.delay_s for resource in tokens for t in sim.state.transits_of(resource)]
+    return SteadyFigures(
+        scenario=scenario,
+        upstream_429s=stats["rate_limited"],
+        sends=stats["requests"],
+        resends=int(resends),
+        answers=Counter((a.status, a.error) for a in answers),
+        cycles=tuple(whole_cycles(times, scenario.burst, scenario.burst) for times in admitted),
+        tightest_s=min(tightest_gap(times, scenario.burst) for times in admitted),
+        most_delay_s=max(delays, default=0.0),
+    )
 
 
 # -- observing ---------------------------------------------------------------------------------

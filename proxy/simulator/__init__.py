@@ -7,6 +7,7 @@ Modules, one concern each:
     limits    burst (sliding | fixed) and daily windows per resource
     faults    fault settings and the seeded dice
     stats     counters, global and per resource
+    transits  each API request's arrival, drawn delay and count time
     state     Simulator: the state and its operations; the SIMULATOR app key
     wire      JSON error answers and JSON bodies in
     echo      the streamed echo answer

@@ -1,11 +1,12 @@
 """The generic API endpoint: every path outside ``/oauth/`` and ``/_sim/``, any method.
 
-Checks run in the real API's order: connection faults (drop, latency), the ``Version``
-header, the bearer token, the token's class (``/companies/...`` is for agency tokens
-only, as the real API's company endpoints are), the limits of the token's resource, then
-answer faults (5xx, "Command timed out"), and finally a 200 echo of the request. Every
-answer from the limit stage on carries the five ``X-RateLimit-*`` headers, computed after
-this request.
+Checks run in the real API's order: connection faults (drop, latency), the arrival delay
+(a random wait before anything is counted: the varying one-way delay between a sender and
+the real API's counter), the ``Version`` header, the bearer token, the token's class
+(``/companies/...`` is for agency tokens only, as the real API's company endpoints are),
+the limits of the token's resource, then answer faults (5xx, "Command timed out"), and
+finally a 200 echo of the request. Every answer from the limit stage on carries the five
+``X-RateLimit-*`` headers, computed after this request.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
     if request.path.startswith(_RESERVED_PREFIXES):
         return error_response(404, f"Cannot {request.method} {request.path}", error="Not Found")
     sim = request.app[SIMULATOR]
+    received_at = sim.now()
     sim.counters.arrived(request.method)
     if sim.dice.roll(sim.faults.drop_ratio):
         sim.counters.dropped_one(request.method)
         return await drop_connection(request)
     if sim.faults.latency_ms > 0:
         await asyncio.sleep(sim.faults.latency_ms / 1000)
+    delay_s = sim.dice.delay_s(sim.faults.arrival_delay_ms)
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
     if "Version" not in request.headers:
         sim.counters.missing_version += 1
         return error_response(401, "version header was not found.")
@@ -82,7 +87,7 @@ async def api_handler(request: web.Request) -> web.StreamResponse:
         return error_response(401, "Invalid JWT")
     if request.path.startswith(_AGENCY_ONLY_PREFIX) and grant.install.user_type != "Company":
         return error_response(401, NOT_ALLOWED)
-    verdict, view = sim.gate(grant.install.resource)
+    verdict, view = sim.gate(grant.install.resource, received_at=received_at, delay_s=delay_s)
     headers = view.headers()
     if verdict is not Verdict.ADMITTED:
         return error_response(429, "Too many requests", error="Too Many Requests", headers=headers)

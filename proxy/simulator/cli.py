@@ -12,10 +12,12 @@ import asyncio
 import math
 import signal
 import sys
+from collections.abc import Mapping
 
 from proxy.simulator.config import WINDOW_KINDS, SimulatorConfig
 from proxy.simulator.server import create_simulator_app
 from proxy.simulator.serving import serve_simulator
+from proxy.simulator.state import SIMULATOR
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,6 +41,16 @@ def _positive_float(text: str) -> float:
         value = 0.0
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
     return value
 
 
@@ -82,7 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CLIENT_ID:SECRET",
         help="an OAuth app (repeatable; replaces the default app)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for fault ratios")
+    parser.add_argument(
+        "--arrival-delay-ms",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="MS",
+        help="hold each API request a random 0..MS ms before the limits count it "
+        "(the arrival_delay_ms fault; default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed for fault ratios and delays"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -99,10 +121,19 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     return config
 
 
-async def serve(config: SimulatorConfig, host: str, port: int) -> int:
+def faults_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The faults switched on from the start (the rest stay settable at /_sim/faults)."""
+    return {"arrival_delay_ms": args.arrival_delay_ms}
+
+
+async def serve(
+    config: SimulatorConfig, host: str, port: int, faults: Mapping[str, object] | None = None
+) -> int:
     """Serve until SIGINT/SIGTERM; 1 when the address cannot be bound."""
+    app = create_simulator_app(config)
+    app[SIMULATOR].set_faults(faults or {})
     try:
-        server = await serve_simulator(create_simulator_app(config), host, port)
+        server = await serve_simulator(app, host, port)
     except OSError as exc:
         print(f"hoopai simulator: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
@@ -127,4 +158,4 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hoopai simulator: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(config, args.host, args.port))
+    return asyncio.run(serve(config, args.host, args.port, faults_from_args(args)))

@@ -2,7 +2,9 @@
 
 Ratios are drawn from ``random.Random(seed)`` so a run with the same seed and the same
 request order fails the same requests. Ratios of 0 and 1 never draw, so turning one
-fault on does not shift another fault's sequence.
+fault on does not shift another fault's sequence. Arrival delays come from a second
+stream of the same seed, for the same reason: jitter on or off, the ratios fail the same
+requests.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 _RATIOS = ("error_ratio", "drop_ratio", "command_timeout_ratio")
-_DELAYS = ("latency_ms", "token_latency_ms", "token_accept_delay_ms")
+_DELAYS = ("latency_ms", "arrival_delay_ms", "token_latency_ms", "token_accept_delay_ms")
 
 
 @dataclass
@@ -20,6 +22,10 @@ class Faults:
     """The faults currently switched on. All off by default."""
 
     latency_ms: float = 0.0
+    # The most an API request waits, a uniform draw from 0, between arriving and being
+    # counted by the limits: the varying one-way delay from a sender to the real API's
+    # counter, so requests sent W apart may be counted less than W apart.
+    arrival_delay_ms: float = 0.0
     error_ratio: float = 0.0
     error_status: int = 503
     drop_ratio: float = 0.0
@@ -72,11 +78,11 @@ def _number(name: str, value: object, low: float, high: float, *, integer: bool 
 
 
 class Dice:
-    """Seeded draws for fault ratios."""
+    """Seeded draws for fault ratios and arrival delays."""
 
     def __init__(self, seed: int) -> None:
         self._seed = seed
-        self._random = random.Random(seed)
+        self._random, self._delays = _streams(seed)
 
     def roll(self, ratio: float) -> bool:
         """True with probability ``ratio``."""
@@ -86,6 +92,18 @@ class Dice:
             return True
         return self._random.random() < ratio
 
+    def delay_s(self, most_ms: float) -> float:
+        """Seconds drawn uniformly from ``[0, most_ms]`` milliseconds; 0 draws nothing."""
+        if most_ms <= 0:
+            return 0.0
+        return self._delays.uniform(0.0, most_ms) / 1000
+
     def reseed(self, seed: int | None = None) -> None:
         self._seed = self._seed if seed is None else seed
-        self._random = random.Random(self._seed)
+        self._random, self._delays = _streams(self._seed)
+
+
+def _streams(seed: int) -> tuple[random.Random, random.Random]:
+    """The ratio stream and the delay stream of ``seed`` (a string seed hashes the same in
+    every process, so the delay stream is as reproducible as the ratio stream)."""
+    return random.Random(seed), random.Random(f"arrival-delay:{seed}")

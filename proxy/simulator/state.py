@@ -21,6 +21,7 @@ from proxy.simulator.jwt import random_id
 from proxy.simulator.limits import LimitBook, LimitView
 from proxy.simulator.stats import Stats
 from proxy.simulator.tokens import USER_TYPES, AccessGrant, Install, TokenBook, grant_json
+from proxy.simulator.transits import Transit, TransitLog
 
 _LIFETIMES = ("access_token_lifetime_s", "refresh_token_lifetime_s")
 
@@ -45,6 +46,7 @@ class Simulator:
         self.counters = Stats()
         self.tokens = TokenBook()
         self.limits = LimitBook(self.config)
+        self.transits = TransitLog()
         self.dice = Dice(self.config.seed)
         self._clock = clock
 
@@ -118,8 +120,14 @@ class Simulator:
 
     # -- limits --------------------------------------------------------------------------
 
-    def gate(self, resource: str) -> tuple[Verdict, LimitView]:
-        """Count one API request for ``resource`` against its limits and the forced 429s."""
+    def gate(
+        self, resource: str, *, received_at: float | None = None, delay_s: float = 0.0
+    ) -> tuple[Verdict, LimitView]:
+        """Count one API request for ``resource`` against its limits and the forced 429s.
+
+        ``received_at`` (default: now) and ``delay_s`` say when the request arrived and how
+        long the arrival delay held it; both go to the transit log with the verdict.
+        """
         now = self.now()
         counters = self.counters.resource(resource)
         counters.requests += 1
@@ -140,6 +148,9 @@ class Simulator:
         if verdict is not Verdict.ADMITTED:
             counters.rate_limited += 1
             self.counters.rate_limited += 1
+        arrived = now if received_at is None else received_at
+        admitted = verdict is Verdict.ADMITTED
+        self.transits.record(resource, Transit(arrived, delay_s, now, admitted))
         return verdict, self.limits.view(resource, now)
 
     def admitted_times(self, resource: str) -> list[float]:
@@ -149,6 +160,11 @@ class Simulator:
     def refused_times(self, resource: str) -> list[float]:
         """When requests of one resource were refused over its limits (the last 100k)."""
         return self.limits.refused_times(resource)
+
+    def transits_of(self, resource: str) -> list[Transit]:
+        """Arrival, drawn delay, count time and verdict of one resource's API requests (the
+        last 100k), in the order the limits counted them."""
+        return self.transits.of(resource)
 
     # -- control -------------------------------------------------------------------------
 
@@ -201,9 +217,11 @@ class Simulator:
         return self.tokens.expire(resource, self.now())
 
     def reset(self) -> None:
-        """Clear counters, limit windows and the fault dice; keep apps, tokens and faults."""
+        """Clear counters, limit windows, transits and the fault dice; keep apps, tokens
+        and faults."""
         self.counters = Stats()
         self.limits.clear()
+        self.transits.clear()
         self.dice.reseed()
 
     def stats(self) -> dict[str, Any]:

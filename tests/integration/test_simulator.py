@@ -58,6 +58,17 @@ class ManualClock:
         return self.now
 
 
+class RunningClock:
+    """A clock that starts at ``start`` and runs at the event loop's pace (monotonic), for
+    faults that sleep for real: the simulator's times then measure the sleeps."""
+
+    def __init__(self, start: float) -> None:
+        self._offset = start - time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() + self._offset
+
+
 @pytest.fixture
 async def sim() -> AsyncIterator[RunningSimulator]:
     async with running_simulator(SimulatorConfig(), clock=ManualClock(T0)) as running:
@@ -724,6 +735,76 @@ async def test_token_latency_delays_and_rotates_before_sleeping(
     assert (dead.value.status, dead.value.body) == (400, INVALID_REFRESH)
 
 
+# A UTC midnight: a multiple of every interval below, so fixed windows start exactly here.
+MIDNIGHT = 1_699_920_000.0
+
+
+@pytest.mark.parametrize("window", ["sliding", "fixed"])
+async def test_arrival_delay_holds_each_request_before_the_limits_count_it(
+    window: str, session: aiohttp.ClientSession
+) -> None:
+    """arrival_delay_ms: each API request is counted a seeded 0..D after it arrived, so
+    requests that arrive together are counted spread out and in another order; the window
+    (sliding or fixed) sees the counted times and admits the first N counted."""
+    burst, most_ms, sent = 5, 400, 12
+    config = SimulatorConfig(burst=burst, interval_ms=60_000, window=window)
+    async with running_simulator(config, clock=RunningClock(MIDNIGHT)) as running:
+        client = SimulatorClient(running.url, session)
+        tokens = await client.install_and_exchange(CLIENT_ID, SECRET, location_id="late")
+        assert (await client.set_faults(arrival_delay_ms=most_ms))["arrival_delay_ms"] == most_ms
+        answers = await asyncio.gather(
+            *(call(session, f"{running.url}/x", tokens["access_token"]) for _ in range(sent))
+        )
+    resource = f"{APP_ID}:location:late"
+    transits = running.state.transits_of(resource)  # in the order they were counted
+    delays = [t.delay_s for t in transits]
+    due = [t.received_at + t.delay_s for t in transits]
+    assert sorted(a.status for a in answers) == [200] * burst + [429] * (sent - burst)
+    assert len(transits) == sent
+    assert all(0 <= d <= most_ms / 1000 for d in delays)
+    assert max(delays) - min(delays) > most_ms / 2000  # drawn, not one fixed delay
+    # Counted no sooner than arrival + delay (float rounding at 1.7e9 s is ~0.2 us) ...
+    assert all(t.counted_at >= t.received_at + t.delay_s - 1e-5 for t in transits)
+    # ... and in the order of arrival + delay (two due within 5 ms may swap on a busy loop),
+    # which is not the order they arrived in.
+    assert all(due[i] <= due[j] + 0.005 for i in range(sent) for j in range(i + 1, sent))
+    received = [t.received_at for t in transits]
+    assert received != sorted(received)
+    # The limits' own history holds the counted times: the first N counted are admitted.
+    assert [t.admitted for t in transits] == [True] * burst + [False] * (sent - burst)
+    assert running.state.admitted_times(resource) == [t.counted_at for t in transits[:burst]]
+    assert running.state.refused_times(resource) == [t.counted_at for t in transits[burst:]]
+
+
+async def test_arrival_delays_follow_the_seed_and_leave_the_ratios_alone(
+    client: SimulatorClient, session: aiohttp.ClientSession, sim: RunningSimulator
+) -> None:
+    """The same seed draws the same delays after a reset; the delays have a stream of
+    their own, so error_ratio fails the same requests with arrival_delay_ms on or off."""
+    tokens = await client.install_and_exchange(CLIENT_ID, SECRET, location_id="seeded")
+    resource = f"{APP_ID}:location:seeded"
+    await client.set_faults(error_ratio=0.5)
+
+    async def run() -> tuple[list[int], list[float]]:
+        await client.reset()
+        statuses = [
+            (await call(session, f"{sim.url}/x", tokens["access_token"])).status for _ in range(8)
+        ]
+        return statuses, [t.delay_s for t in sim.state.transits_of(resource)]
+
+    plain, no_delays = await run()
+    await client.set_faults(arrival_delay_ms=20)
+    delayed, delays = await run()
+    again, delays_again = await run()
+    assert no_delays == [0.0] * 8
+    assert {200, 503} == set(plain)
+    assert delayed == plain
+    assert again == plain
+    assert delays_again == delays
+    assert all(0 < d <= 0.02 for d in delays)
+    assert len(set(delays)) == 8
+
+
 # -- control -----------------------------------------------------------------------------
 
 
@@ -733,6 +814,8 @@ async def test_control_endpoints_reject_bad_values(client: SimulatorClient) -> N
         (client.set_limits(burst=0), "burst"),
         (client.set_limits(window="leaky"), "window"),
         (client.set_faults(error_ratio=2), "error_ratio"),
+        (client.set_faults(arrival_delay_ms=-1), "arrival_delay_ms"),
+        (client.set_faults(arrival_delay_ms="300"), "arrival_delay_ms"),
         (client.set_faults(no_such_fault=1), "no_such_fault"),
         (client.set_config(access_token_lifetime_s=-1), "access_token_lifetime_s"),
         (client.install("unknown-app"), "client_id"),
@@ -794,7 +877,7 @@ async def test_cli_announces_its_port_and_serves_until_sigterm(
     session: aiohttp.ClientSession,
 ) -> None:
     """`--port 0` prints exactly one listening line with the real port, serves the
-    options it was given, and exits 0 on SIGTERM."""
+    options it was given (limits and the arrival delay), and exits 0 on SIGTERM."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -809,6 +892,8 @@ async def test_cli_announces_its_port_and_serves_until_sigterm(
         "7",
         "--app",
         "app9-x:s9",
+        "--arrival-delay-ms",
+        "250",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
@@ -824,9 +909,11 @@ async def test_cli_announces_its_port_and_serves_until_sigterm(
         async with session.get(f"{url}/_sim/stats") as response:
             assert response.status == 200
             assert (await response.json())["requests"] == 0
-        tokens = await SimulatorClient(url, session).install_and_exchange("app9-x", "s9")
+        control = SimulatorClient(url, session)
+        tokens = await control.install_and_exchange("app9-x", "s9")
         answer = await call(session, f"{url}/x", tokens["access_token"])
         assert answer.headers["X-RateLimit-Max"] == "7"
+        assert (await control.set_faults())["arrival_delay_ms"] == 250
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 15)
     finally:
