@@ -11,15 +11,16 @@ Three kinds of wait besides a slot's (docs/architecture.md, "Admission"):
   the others ask again once its answer is known (or after `PROBE_WAIT_S`), because
   traffic the proxy never saw may already fill the window;
 - batch requests: one per key at a time asks for a slot free now, as if the limit were
-  one less (`BATCH_HEADROOM`), and the others wait in the `BatchLine`, weighted by caller;
-  so a slot of every window is left to interactive requests, which take it at once;
+  one less (`BATCH_HEADROOM`), about W/N after the last (`BATCH_SPACING_SHARE`), and the
+  others wait in the `BatchLine`, weighted by caller, for no longer than their max wait;
+  so a slot of every window is left to interactive requests, and it comes back all
+  through the window, not once: they take it at once;
 - the daily reserve: the last `limits.daily.reserve` requests of a day are interactive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDictProxy
 
 from proxy.batch_line import BatchLine
+from proxy.cold_keys import PROBE_POLL_S, PROBE_WAIT_S, ColdKeys
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import BadRequest, LimiterUnavailable, RateLimited, TooManyKeys
 from proxy.headers import (
@@ -49,16 +51,14 @@ from proxy.waiting import WaitingLine
 
 log = logging.getLogger(__name__)
 
-# How long the others wait at most for a cold key's probe to be answered (its answer
-# usually ends the wait much sooner), and how often they ask meanwhile when the probe is
-# another replica's.
-PROBE_WAIT_S = 2.0
-PROBE_POLL_S = 0.05
 # Slots of every window batch requests leave free for interactive ones; and a batch
 # request takes a slot only if it is free within this share of the slot interval (W/N), so
 # it never holds a place in the shared queue that an interactive request could want.
 BATCH_HEADROOM = 1
 BATCH_GATE_SHARE = 0.1
+# Batch slots of one process are this share of W/N apart (batch_line.py): spread over the
+# window, yet the latency of each ask cannot stretch N - 1 of them past W + pad.
+BATCH_SPACING_SHARE = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +120,11 @@ class Admission:
         self._wall_clock = wall_clock
         self.line = WaitingLine(self._give_back)
         self.batch = BatchLine()
-        # Cold keys whose probe this process sent, until its answer is known.
-        self._probes: dict[ResourceKey, asyncio.Event] = {}
+        self.cold = ColdKeys()
+        # This replica's writes of learned limits: how many are under way, and how many
+        # began (a decision asked meanwhile may carry the limits a write replaces).
+        self._learn_writes = 0
+        self._learn_epoch = 0
 
     def today(self) -> Day:
         return day_at(self._wall_clock(), self._zone)
@@ -167,10 +170,16 @@ class Admission:
         """Wait for `key`'s next slot and return the decision, or raise RateLimited."""
         deadline = time.monotonic() + max_wait_s
         if asker.priority == "batch" and not self.shadow:
-            async with self.batch.turn(key, asker.caller, asker.weight):
+            # The wait for the turn counts against the deadline: past it, the request asks
+            # once without the turn (for a slot free now, else a 429), never waits longer.
+            async with self.batch.turn(key, asker.caller, asker.weight, max_wait_s) as turn:
                 decision = await self._decide_batch(key, deadline)
+                # The key's next batch slot about W/N after this one, not in a bunch with it.
+                limits = self.limits_for(key)
+                spacing_s = limits.window_s / limits.burst * BATCH_SPACING_SHARE
+                turn.pass_on_after_s = decision.wait_s + spacing_s
         else:
-            decision = await self._decide(key, deadline, self.limits_for(key))
+            decision = await self._decide(key, deadline)
         if self.shadow:
             if decision.limited_by or decision.wait_s > 0:
                 log.info(
@@ -180,21 +189,24 @@ class Admission:
         held_s = 0.0
         if decision.wait_s > 0:
             began = time.monotonic()
-            decision = await self._hold(key, decision)
+            try:
+                decision = await self._hold(key, decision)
+            except asyncio.CancelledError:
+                self.settle(key, decision)  # a probe never sent must not hold others back
+                raise
             # Not decision.wait_s: a caller ahead who left may have moved this one up.
             held_s = time.monotonic() - began
         self._metrics.queue_seconds.observe(held_s)
         return decision
 
-    async def _decide(
-        self, key: ResourceKey, deadline: float, limits: Limits, *, batch: bool = False
-    ) -> Decision:
+    async def _decide(self, key: ResourceKey, deadline: float, *, batch: bool = False) -> Decision:
         """The limiter's decision within the deadline; refusals raise RateLimited.
 
         Asks again, rather than refuse, while another request probes the cold key (for at
         most PROBE_WAIT_S, whatever the deadline), and
         (a batch request) while the next slot is not free yet but will be before the
-        deadline: a batch request never reserves a slot ahead.
+        deadline: a batch request never reserves a slot ahead. Each ask takes the key's
+        limits anew: the probe's answer may have taught other ones.
         """
         # Waiting for a probe's answer is waiting for news, not for a slot: allowed even
         # to a request that may not queue, for as long as a probe may be out.
@@ -202,11 +214,12 @@ class Admission:
         while True:
             now = time.monotonic()
             left = max(0.0, deadline - now)
+            limits = self.limits_for(key)
             gate = limits.window_s / limits.burst * BATCH_GATE_SHARE
             max_wait_s = min(left, gate) if batch else left
-            decision = await self._ask(key, limits, max_wait_s, BATCH_HEADROOM if batch else 0)
+            decision = await self._ask(key, limits, max_wait_s, batch)
             if decision.probe == "other" and now < probe_deadline:
-                await self._probe_answered(key, min(decision.retry_after_s, PROBE_POLL_S))
+                await self.cold.answered(key, min(decision.retry_after_s, PROBE_POLL_S))
             elif (
                 batch
                 and not decision.admitted
@@ -220,14 +233,12 @@ class Admission:
     async def _decide_batch(self, key: ResourceKey, deadline: float) -> Decision:
         """A batch request's slot: free now, one of every window left to interactive
         requests, and never one of the day's reserve."""
-        limits = self.limits_for(key)
-        if self._daily_reserve:
-            limits = dataclasses.replace(limits, daily=max(0, limits.daily - self._daily_reserve))
-        return await self._decide(key, deadline, limits, batch=True)
+        return await self._decide(key, deadline, batch=True)
 
     async def _ask(
-        self, key: ResourceKey, limits: Limits, max_wait_s: float, headroom: int
+        self, key: ResourceKey, limits: Limits, max_wait_s: float, batch: bool
     ) -> Decision:
+        epoch = self._learn_epoch if self._learn_writes == 0 else -1
         try:
             decision = await self._limiter.acquire(
                 key,
@@ -236,7 +247,8 @@ class Admission:
                 max_wait_s,
                 shadow=self.shadow,
                 probe_s=0.0 if self.shadow else PROBE_WAIT_S,
-                headroom=headroom,
+                headroom=BATCH_HEADROOM if batch else 0,
+                reserve=self._daily_reserve if batch else 0,
             )
         except LimiterUnavailable:
             if not self.shadow:
@@ -252,10 +264,17 @@ class Admission:
                 raise
             self._metrics.decisions.labels("undecided").inc()
             return self._undecided()
-        if decision.limits is not None or self.learned.is_learned(key):
+        if (
+            decision.limits is not None
+            and decision.limits is not limits
+            # Not the fallback's share of the limits while Redis is down, nor what the shared
+            # state held before a write of this replica's that may not have landed yet.
+            and not decision.local
+            and epoch == self._learn_epoch
+        ):
+            # Another replica learned the key's limits: the shared state decided with them.
             self._adopt(key, decision.limits)
-        if decision.probe == "this":
-            self._probes[key] = asyncio.Event()
+        self.cold.probing(key, decision)
         return decision
 
     def _decided(self, key: ResourceKey, decision: Decision, max_wait_s: float) -> Decision:
@@ -269,22 +288,9 @@ class Admission:
             )
         return decision
 
-    async def _probe_answered(self, key: ResourceKey, at_most_s: float) -> None:
-        """Wait until this process's probe of `key` is answered, or `at_most_s` (the probe
-        may be another replica's: then ask again after that)."""
-        probe = self._probes.get(key)
-        if probe is None:
-            await asyncio.sleep(at_most_s)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(probe.wait(), PROBE_WAIT_S)
-
     def settle(self, key: ResourceKey, decision: Decision) -> None:
-        """The request of `decision` is done (answered or failed): a probe that got no
-        answer lets the others go all the same (the limiter's own expiry is the backstop
-        for a probe whose replica died)."""
-        if decision.probe == "this" and (probe := self._probes.pop(key, None)) is not None:
-            probe.set()
+        """The request of `decision` is done (answered or failed)."""
+        self.cold.settle(key, decision)
 
     async def aclose(self) -> None:
         await self.line.aclose()
@@ -364,11 +370,16 @@ class Admission:
     async def _learned(self, key: ResourceKey, limits: Limits) -> None:
         """This replica learned new limits for `key`: every replica decides with them."""
         configured = limits == self.limits
-        await self._limiter.learn(key, limits, forget=configured)
+        self._learn_writes += 1
+        self._learn_epoch += 1
+        try:
+            await self._limiter.learn(key, limits, forget=configured)
+        finally:
+            self._learn_writes -= 1
         self._board.set_limits(key, limits, learned=not configured)
 
-    def _adopt(self, key: ResourceKey, limits: Limits | None) -> None:
-        """The shared state decided with `limits` (learned by another replica, or None)."""
+    def _adopt(self, key: ResourceKey, limits: Limits) -> None:
+        """The shared state decided with `limits`, learned by another replica."""
         changed = self.learned.adopt(key, limits)
         if changed is not None:
             self._board.set_limits(key, changed, learned=changed != self.limits)

@@ -4,8 +4,15 @@ HighLevel's 100 per 10 s and 200,000 a day are the common case, not every case: 
 with other limits, or a lowered limit for a Private Integration, shows in
 `X-RateLimit-Max`, `X-RateLimit-Interval-Milliseconds` and `X-RateLimit-Limit-Daily` on
 every answer. `limits.learn` says how far to follow them: `down` (the default) only
-where they are stricter than configured (fewer requests, or a longer interval), `up`
-both ways, `off` never. A key whose stated limits match the configuration keeps none.
+where they are stricter than configured, `up` both ways, `off` never. A key whose stated
+limits match the configuration keeps none.
+
+"Stricter" for a burst limit: (N1 per W1) is at least as strict as (N2 per W2) when any
+schedule it allows fits the other too: a window of W2 holds at most N1 * ceil(W2 / W1) of
+its requests, so when that is at most N2. With `down`, whichever of the stated and the
+configured burst limits is at least as strict as the other is kept; when neither is
+(60 per 5 s against 100 per 10 s), the smaller count over the longer interval, which
+satisfies both. The daily limit is the smaller of the two.
 
 This is the process's view; with Redis the limits a replica learns are written beside
 the key's slots, the limiter script decides with them, and every replica adopts them from
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import OrderedDict
 
 from proxy.headers import (
@@ -30,6 +38,12 @@ from proxy.limiter.base import Limits
 from proxy.typing import ResourceKey
 
 log = logging.getLogger(__name__)
+
+
+def at_least_as_strict(first: Limits, second: Limits) -> bool:
+    """Whether every schedule `first`'s burst limit allows fits `second`'s too."""
+    windows = math.ceil(second.window_s / first.window_s - 1e-9)
+    return first.burst * max(1, windows) <= second.burst
 
 
 class LearnedLimits:
@@ -62,12 +76,12 @@ class LearnedLimits:
             return None
         return self._set(key, self._allowed(stated), said="the upstream states")
 
-    def adopt(self, key: ResourceKey, limits: Limits | None) -> Limits | None:
-        """Take the limits another replica learned (None: the key has none); the new
-        limits when they changed, else None."""
+    def adopt(self, key: ResourceKey, limits: Limits) -> Limits | None:
+        """Take the limits another replica learned; the new limits when they changed,
+        else None."""
         if self._mode == "off":
             return None
-        return self._set(key, limits or self.configured, said="another replica learned")
+        return self._set(key, limits, said="another replica learned")
 
     def _stated(self, headers: Headers) -> Limits | None:
         burst = upstream_remaining(headers, UPSTREAM_BURST_MAX)
@@ -88,14 +102,20 @@ class LearnedLimits:
         if self._mode == "up":
             return stated
         configured = self.configured
+        if at_least_as_strict(configured, stated):
+            burst, window_s = configured.burst, configured.window_s
+        elif at_least_as_strict(stated, configured):
+            burst, window_s = stated.burst, stated.window_s
+        else:
+            burst = min(configured.burst, stated.burst)
+            window_s = max(configured.window_s, stated.window_s)
         return dataclasses.replace(
-            configured,
-            burst=min(configured.burst, stated.burst),
-            window_s=max(configured.window_s, stated.window_s),
-            daily=min(configured.daily, stated.daily),
+            configured, burst=burst, window_s=window_s, daily=min(configured.daily, stated.daily)
         )
 
     def _set(self, key: ResourceKey, limits: Limits, *, said: str) -> Limits | None:
+        # The pad is each replica's own (limiter/pad.py): never part of what is learned.
+        limits = dataclasses.replace(limits, pad_s=self.configured.pad_s)
         if limits == self.limits_for(key):
             return None
         if limits == self.configured:

@@ -83,6 +83,12 @@ class LimitAnswers:
     def refusal_message(self, key: ResourceKey, decision: Decision, max_wait_s: float) -> str:
         """Why the proxy refused, and what the caller can do about it."""
         limits, resource = self._limits, f"{key.kind} {key.id}"
+        if decision.limited_by == "daily" and decision.daily_remaining > 0:
+            return (
+                f"The last {decision.daily_remaining} requests of today's {limits.daily} for "
+                f"{resource} are kept for interactive requests (limits.daily.reserve); batch "
+                f"requests may go again after the reset in {math.ceil(decision.retry_after_s)} s"
+            )
         if decision.limited_by == "daily":
             return (
                 f"Daily limit of {limits.daily} requests reached for {resource}; "

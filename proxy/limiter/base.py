@@ -64,8 +64,8 @@ class Decision:
     `slot` is an arrival bound (send time plus pad, slots.py), `queue_end_s` that bound
     less the pad. `probe`
     marks a cold key's probe, or a refusal while another request probes it. `limits`:
-    the limits another replica learned for the key (Limiter.learn), which the shared
-    state decided with instead of the ones given.
+    the limits decided with: the ones given, or those another replica learned for the
+    key (Limiter.learn), which the shared state holds and decides with instead.
     """
 
     admitted: bool
@@ -80,7 +80,8 @@ class Decision:
     local: bool = False
     queue_end_s: float = 0.0
     probe: Probe = ""
-    # The key's learned limits the shared state decided with, when not the ones asked with.
+    # The limits the decision was made with: the ones given, or the key's learned ones the
+    # shared state holds (another replica learned them). None: no decision was made.
     limits: Limits | None = None
     pad_s: float = 0.0  # the pad in `slot`
 
@@ -112,12 +113,14 @@ class Limiter(Protocol):
         shadow: bool = False,
         probe_s: float = 0.0,
         headroom: int = 0,
+        reserve: int = 0,
     ) -> Decision:
         """Reserve the earliest slot for `key`, or refuse if it is more than `max_wait_s` away.
 
         With `shadow`, decide the same way but record the request as sent now and never
         refuse it: the caller reports the decision and sends at once. `probe_s` > 0 probes
-        a cold key; `headroom` leaves that many slots of every window free (slots.decide).
+        a cold key; `headroom` and `reserve` leave that many slots of every window and
+        requests of the day to others (slots.decide).
         """
         ...
 

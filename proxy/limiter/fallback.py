@@ -88,6 +88,7 @@ class _Asked:
     shadow: bool
     probe_s: float
     headroom: int
+    reserve: int
 
 
 class QueueEnds:
@@ -170,8 +171,9 @@ class FallbackLimiter:
         shadow: bool = False,
         probe_s: float = 0.0,
         headroom: int = 0,
+        reserve: int = 0,
     ) -> Decision:
-        asked = _Asked(max_wait_s, shadow, probe_s, headroom)
+        asked = _Asked(max_wait_s, shadow, probe_s, headroom, reserve)
         # Requests for the key a probe is deciding wait for it: a local slot taken meanwhile
         # would be missing from what the probe writes to Redis before its decision there.
         while (probe := self._probe) is not None and probe[0] == key:
@@ -210,6 +212,7 @@ class FallbackLimiter:
                 shadow=asked.shadow,
                 probe_s=asked.probe_s,
                 headroom=asked.headroom,
+                reserve=asked.reserve,
             )
         except LimiterUnavailable as exc:
             self._went_down(exc, asked_at)
@@ -301,7 +304,13 @@ class FallbackLimiter:
             await self._start_local_window(key, share, day)
         wait_s = min(asked.max_wait_s, local_wait_s(share))
         decision = await self._local.acquire(
-            key, share, day, wait_s, shadow=asked.shadow, headroom=asked.headroom
+            key,
+            share,
+            day,
+            wait_s,
+            shadow=asked.shadow,
+            headroom=asked.headroom,
+            reserve=asked.reserve,
         )
         return dataclasses.replace(decision, local=True)
 

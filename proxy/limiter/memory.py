@@ -108,13 +108,22 @@ class MemoryLimiter:
         shadow: bool = False,
         probe_s: float = 0.0,
         headroom: int = 0,
+        reserve: int = 0,
     ) -> Decision:
         now = self._clock()
         state = self._state(key, limits, day, now)
         if state is None:
             raise self._too_many(key, day, now)
         return slots.decide(
-            state, limits, day, now, max_wait_s, shadow=shadow, probe_s=probe_s, headroom=headroom
+            state,
+            limits,
+            day,
+            now,
+            max_wait_s,
+            shadow=shadow,
+            probe_s=probe_s,
+            headroom=headroom,
+            reserve=reserve,
         )
 
     async def observe(

@@ -96,6 +96,7 @@ class RedisLimiter:
         shadow: bool = False,
         probe_s: float = 0.0,
         headroom: int = 0,
+        reserve: int = 0,
     ) -> Decision:
         seen = self._seen.pop(key, None)
         reply = await self._call(
@@ -108,6 +109,7 @@ class RedisLimiter:
             seen,
             probe_s=probe_s,
             headroom=headroom,
+            reserve=reserve,
         )
         admitted, wait, retry_after, limited_by, remaining, reset, daily_remaining, slot, end = (
             reply[:9]
@@ -229,11 +231,12 @@ class RedisLimiter:
         extra: list[str] | None = None,
         probe_s: float = 0.0,
         headroom: int = 0,
+        reserve: int = 0,
         end_probe: bool = False,
     ) -> Any:
         """ARGV[7] is the longest wait for `acquire`, the bound for `release` and
         `anchor`, how long for `resume`; ARGV[8] is `others` for `resume` (how many slots
-        to leave) and `anchor` (how late); ARGV[16..] `extra` (lua/limiter.lua)."""
+        to leave) and `anchor` (how late); ARGV[17..] `extra` (lua/limiter.lua)."""
         args: list[int | str] = [
             op,
             limits.burst,
@@ -253,6 +256,7 @@ class RedisLimiter:
             _us(probe_s),
             "1" if end_probe else "0",
             headroom,
+            reserve,
             *(extra or ()),
         ]
         try:
@@ -272,11 +276,11 @@ def _limited_by(raw: object) -> LimitedBy:
     return cast(LimitedBy, text)
 
 
-def _learned(asked: Limits, reply: list[Any]) -> Limits | None:
-    """The learned limits the script decided with, or None when the key has none."""
+def _learned(asked: Limits, reply: list[Any]) -> Limits:
+    """The limits the script decided with: the key's learned ones, or those `asked`."""
     burst, window_us, daily = (int(value) for value in reply)
     if burst <= 0:
-        return None
+        return asked
     return Limits(burst=burst, window_s=window_us / US, pad_s=asked.pad_s, daily=daily)
 
 

@@ -80,6 +80,7 @@ def decide(
     shadow: bool,
     probe_s: float = 0.0,
     headroom: int = 0,
+    reserve: int = 0,
 ) -> Decision:
     """Reserve a slot (or refuse), updating `state`. See the module docstring.
 
@@ -88,11 +89,12 @@ def decide(
     (`end_probe`), or `probe_s` passes, the others are told to ask again
     (`probe == "other"`): traffic the proxy never saw may fill the window, and that
     answer's counts say so. `headroom` > 0 decides as if the limit were that many
-    fewer (batch requests leave those slots of every window to interactive ones).
+    fewer, and `reserve` refuses once fewer than that many requests of the day remain
+    (batch requests leave those to interactive ones).
     """
     state.roll_day(day)
     trim(state, limits, now)
-    if state.day_count >= limits.daily and not shadow:
+    if state.day_count >= limits.daily - reserve and not shadow:
         return refusal(state, limits, day, now, "daily", day.ends_in_s)
     probe: Probe = ""
     if probe_s > 0 and not shadow:
@@ -127,6 +129,7 @@ def decide(
         queue_end_s=state.slots[-1] - limits.pad_s - now,
         probe=probe,
         pad_s=limits.pad_s,
+        limits=limits,
     )
 
 
@@ -206,9 +209,10 @@ def observe(
         fill(state, limits, now, now)
     elif counts.burst_remaining is not None:
         trim(state, limits, now)
-        # Sent in (now - W, now]: bounds are sends plus the pad.
+        # Ours that may be in the upstream's window now: sent by now (bound at most
+        # now + pad) and not surely arrived before now - W (bound after it).
         pad = limits.pad_s
-        first = bisect.bisect_right(state.slots, now - limits.window_s + pad)
+        first = bisect.bisect_right(state.slots, now - limits.window_s)
         sent = bisect.bisect_right(state.slots, now + pad) - first
         unknown = min(limits.burst, limits.burst - max(0, counts.burst_remaining) - sent)
         add_at(state, now + pad, unknown)

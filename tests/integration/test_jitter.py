@@ -45,10 +45,12 @@ pytestmark = pytest.mark.slow
 # ones to drain quickly at the end.
 
 # (arrival jitter in ms, the simulator's window, the least admitted share of the limit)
+# The sliding window is the harder one: a fixed window forgives a pair of requests N apart
+# that land less than W apart but in two windows. `python -m bench.jitter` runs both kinds
+# at 0, 100 and 300 ms; CI runs these two to stay near a minute.
 CASES = {
     "no-jitter-sliding": (0.0, "sliding", 0.97),
     "300ms-sliding": (300.0, "sliding", 0.90),
-    "300ms-fixed": (300.0, "fixed", 0.90),
 }
 
 
@@ -61,7 +63,7 @@ async def test_jitter_costs_no_upstream_429_and_little_of_the_limit(
 ) -> None:
     """3 replicas held over the limit, the upstream counting each request a random 0..D
     after it arrives: not one upstream 429, and the admitted share of the limit at least
-    97% without jitter, 90% with 300 ms, in a sliding or a fixed window."""
+    97% without jitter, 90% with 300 ms, in a sliding window."""
     jitter_ms, window, least = CASES[case]
     scenario = dataclasses.replace(OVER_THE_LIMIT, arrival_delay_ms=jitter_ms, window=window)
     overrides = scenario.proxy_overrides(redis_server.url)

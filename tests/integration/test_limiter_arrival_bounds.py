@@ -279,4 +279,4 @@ async def test_limits_one_replica_learned_decide_for_every_replica(redis_limiter
     assert [d.wait_s for d in decisions] == pytest.approx([0, 0, 1.1])
     assert decisions[0].limits == learned
     await a.learn(KEY, SMALL, forget=True)
-    assert (await b.acquire(KEY, SMALL, TODAY, 30)).limits is None
+    assert (await b.acquire(KEY, SMALL, TODAY, 30)).limits == SMALL

@@ -102,9 +102,13 @@ async def test_200mb_upload_and_download_stream_with_bounded_memory(
 async def test_sigterm_drains_in_flight_requests(simulator, spawn_proxy, http) -> None:
     """Requests already accepted when SIGTERM arrives finish with 200; the exit is clean."""
     proxy = spawn_proxy(simulator.url)
+    # A first answer for the resource, so the ten below are not held behind a cold key's
+    # probe (admission.py) and all reach the simulator at once.
+    async with http.get(f"{proxy.url}/_sim/slow?ms=0") as first:
+        assert first.status == 200
     in_flight = [asyncio.create_task(http.get(f"{proxy.url}/_sim/slow?ms=1500")) for _ in range(10)]
     # In flight: all ten have reached the simulator, which holds each for 1.5 s.
-    while simulator.state.stats()["probe_requests"] < 10:
+    while simulator.state.stats()["probe_requests"] < 11:
         assert not any(task.done() for task in in_flight), "a request ended before SIGTERM"
         await asyncio.sleep(0.01)
     proxy.signal(signal.SIGTERM)

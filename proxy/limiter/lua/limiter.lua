@@ -12,7 +12,7 @@
 --          bound in ARGV[7], reserved for a request that will never be sent), "anchor"
 --          (move the bound ARGV[7] ARGV[8] us later: its answer came back that late) or
 --          "resume" (after an outage: add the bounds this replica took meanwhile,
---          ARGV[16..], each in us from now, and keep ARGV[8] slots of each window free
+--          ARGV[17..], each in us from now, and keep ARGV[8] slots of each window free
 --          for ARGV[7] us) or "learn" (keep ARGV[2], ARGV[3], ARGV[5] as the key's
 --          limits for a day; ARGV[7] "0": forget them)
 -- ARGV[2..6] burst, window_us, pad_us, daily, day_ends_in_us
@@ -25,6 +25,7 @@
 -- ARGV[14] "1": these counts answer the key's probe; the others may go
 -- ARGV[15] headroom: decide as if the limit were this many fewer (batch requests leave
 --          that many slots of every window to interactive ones)
+-- ARGV[16] reserve: refuse once fewer than this many requests of the day remain
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
 -- burst_reset_us, daily_remaining, slot_us, queue_end_us, probe, learned burst, window_us,
 -- daily (0 when the key has none)}; times are relative to
@@ -49,6 +50,7 @@ if now == nil then
 end
 local probe_for = tonumber(ARGV[13] or "0")
 local headroom = tonumber(ARGV[15] or "0")
+local reserve = tonumber(ARGV[16] or "0")
 local day_ttl_ms = math.ceil(day_ends_in / 1000) + 3600000
 
 if op == "release" then
@@ -115,7 +117,8 @@ local function add_at(at, count)
 end
 
 -- Believe the upstream when it said, at time `at`, that fewer remain than we know of.
--- Requests it counted were sent by `at`: their bounds are sends plus the pad.
+-- Ours that may be in its window then: sent by `at` (bound at most at + pad) and not
+-- surely arrived before at - W (bound after it).
 local function observe(at)
   local bound = at + pad
   if op == "pause" then
@@ -130,7 +133,7 @@ local function observe(at)
     local sent = 0
     for i = 1, #slots do
       local slot = tonumber(slots[i])
-      if slot > bound - window and slot <= bound then sent = sent + 1 end
+      if slot > at - window and slot <= bound then sent = sent + 1 end
     end
     add_at(bound, math.min(burst, burst - seen_burst - sent))
   end
@@ -156,7 +159,6 @@ local function burst_view(slots, burst)
   return math.max(0, burst - blocking), reset
 end
 
-trim()
 local function transition_until()
   local marker = redis.call("GET", KEYS[3])
   if not marker then return 0, 0 end
@@ -171,7 +173,7 @@ if op == "anchor" then
   return 1
 end
 if op == "resume" then
-  for i = 16, #ARGV do add_at(now + tonumber(ARGV[i]), 1) end
+  for i = 17, #ARGV do add_at(now + tonumber(ARGV[i]), 1) end
   local others = tonumber(ARGV[8])
   if others > 0 and max_wait > 0 and now + max_wait > transition_until() then
     redis.call("SET", KEYS[3], string.format("%d:%d", now + max_wait, others),
@@ -179,7 +181,10 @@ if op == "resume" then
   end
   return 1
 end
+-- Counts said a while ago (they rode along with this decision) are compared with the
+-- requests that may have been in the upstream's window then, before those are trimmed.
 observe(now - seen_age)
+trim()
 if ARGV[14] == "1" then redis.call("DEL", KEYS[4]) end
 if op ~= "acquire" then return 1 end
 
@@ -198,7 +203,7 @@ local function answer(admitted, wait, retry_after, limited_by, slot, probe)
           slot, queue_end, probe or "", learned[1], learned[2], learned[3]}
 end
 
-if count >= daily and not shadow then
+if count >= daily - reserve and not shadow then
   return answer(0, 0, day_ends_in, "daily", -1)
 end
 -- A cold key (nothing in its hold): one request goes first, the others wait for its answer.
