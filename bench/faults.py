@@ -21,48 +21,18 @@ import dataclasses
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+from bench.replicas import running_replicas
 from bench.results import machine
 from proxy.harness.load import Arrivals, Fault, Figures, Scenario, run_fault
-from proxy.harness.processes import ServiceProcess, proxy_process, write_config
-from proxy.harness.redis_server import RedisServer
-from proxy.harness.tokens import SIM_CLIENT_ID
-from proxy.simulator import SimulatorConfig
-from proxy.simulator.testing import running_simulator
 
 FAULTS = (Fault("none", 5.0), Fault("kill", 5.0), Fault("stop", 3.0))
 
 
-def proxy_document(upstream: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A replica's config: loopback, port 0, the simulator's app, and the scenario's
-    store, limits and queue sections."""
-    return {
-        "server": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"base_url": upstream},
-        # The callers' tokens are the simulator's, for this app: the proxy limits only
-        # tokens of apps it is configured for.
-        "apps": [{"name": "bench", "client_id": SIM_CLIENT_ID, "client_secret": "s"}],
-        **overrides,
-    }
-
-
 async def one_run(workdir: Path, scenario: Scenario, fault: Fault) -> Figures:
     """Fresh Redis, simulator and replicas; the fault under load; the figures."""
-    redis = RedisServer(workdir / "redis").start()
-    proxies: list[ServiceProcess] = []
-    try:
-        async with running_simulator(SimulatorConfig()) as sim:
-            document = proxy_document(sim.url, scenario.proxy_overrides(redis.url))
-            for index in range(scenario.replicas):
-                config = write_config(workdir / f"replica-{index}.yaml", document)
-                proxies.append(proxy_process(config, workdir / f"replica-{index}.log").start())
-            return await run_fault(sim, proxies, redis, scenario, fault)
-    finally:
-        for process in proxies:
-            process.stop()
-        redis.stop()
+    async with running_replicas(workdir, scenario) as (sim, proxies, redis):
+        return await run_fault(sim, proxies, redis, scenario, fault)
 
 
 def table(rows: list[tuple[int, Figures]], scenario: Scenario) -> str:

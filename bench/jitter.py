@@ -24,32 +24,17 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.faults import proxy_document
+from bench.replicas import running_replicas
 from bench.results import machine
 from proxy.harness.load import OVER_THE_LIMIT, Scenario, SteadyFigures, run_steady
-from proxy.harness.processes import ServiceProcess, proxy_process, write_config
-from proxy.harness.redis_server import RedisServer
-from proxy.simulator import SimulatorConfig
 from proxy.simulator.config import WINDOW_KINDS
-from proxy.simulator.testing import running_simulator
 
 
 async def one_run(workdir: Path, scenario: Scenario, seed: int) -> SteadyFigures:
     """Fresh Redis, simulator (its delays drawn from `seed`) and replicas; the load held
     over the limit; the figures."""
-    redis = RedisServer(workdir / "redis").start()
-    proxies: list[ServiceProcess] = []
-    try:
-        async with running_simulator(SimulatorConfig(seed=seed)) as sim:
-            document = proxy_document(sim.url, scenario.proxy_overrides(redis.url))
-            for index in range(scenario.replicas):
-                config = write_config(workdir / f"replica-{index}.yaml", document)
-                proxies.append(proxy_process(config, workdir / f"replica-{index}.log").start())
-            return await run_steady(sim, proxies, scenario)
-    finally:
-        for process in proxies:
-            process.stop()
-        redis.stop()
+    async with running_replicas(workdir, scenario, seed=seed) as (sim, proxies, _):
+        return await run_steady(sim, proxies, scenario)
 
 
 def table(rows: list[tuple[int, SteadyFigures]], scenario: Scenario) -> str:

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # request takes a slot only if it is free within this share of the slot interval (W/N), so
 # it never holds a place in the shared queue that an interactive request could want.
 BATCH_HEADROOM = 1
+# Distinct limits (configured and learned) whose answer headers are kept ready.
+ANSWER_SHAPES = 64
 BATCH_GATE_SHARE = 0.1
 # Batch slots of one process are this share of W/N apart (batch_line.py): spread over the
 # window, yet the latency of each ask cannot stretch N - 1 of them past W + pad.
@@ -141,6 +143,8 @@ class Admission:
         shape = (limits.burst, limits.window_s, limits.daily)
         answers = self._answers.get(shape)
         if answers is None:
+            if len(self._answers) >= ANSWER_SHAPES:
+                self._answers.clear()  # a few shapes are real; more is churn, start afresh
             answers = self._answers[shape] = LimitAnswers(limits, shadow=self.shadow)
         return answers
 
@@ -192,7 +196,9 @@ class Admission:
             try:
                 decision = await self._hold(key, decision)
             except asyncio.CancelledError:
-                self.settle(key, decision)  # a probe never sent must not hold others back
+                # A probe never sent must not hold this process's others back (its mark in
+                # the limiter expires by itself).
+                self.cold.settle(key, decision)
                 raise
             # Not decision.wait_s: a caller ahead who left may have moved this one up.
             held_s = time.monotonic() - began
@@ -217,8 +223,10 @@ class Admission:
             limits = self.limits_for(key)
             gate = limits.window_s / limits.burst * BATCH_GATE_SHARE
             max_wait_s = min(left, gate) if batch else left
-            decision = await self._ask(key, limits, max_wait_s, batch)
-            if decision.probe == "other" and now < probe_deadline:
+            # Past the probe's time, decide without it (the probe's send may have failed).
+            probe_s = PROBE_WAIT_S if now < probe_deadline else 0.0
+            decision = await self._ask(key, limits, max_wait_s, batch, probe_s)
+            if decision.probe == "other":
                 await self.cold.answered(key, min(decision.retry_after_s, PROBE_POLL_S))
             elif (
                 batch
@@ -236,9 +244,10 @@ class Admission:
         return await self._decide(key, deadline, batch=True)
 
     async def _ask(
-        self, key: ResourceKey, limits: Limits, max_wait_s: float, batch: bool
+        self, key: ResourceKey, limits: Limits, max_wait_s: float, batch: bool, probe_s: float
     ) -> Decision:
         epoch = self._learn_epoch if self._learn_writes == 0 else -1
+        asked_at = time.monotonic()
         try:
             decision = await self._limiter.acquire(
                 key,
@@ -246,7 +255,7 @@ class Admission:
                 self.today(),
                 max_wait_s,
                 shadow=self.shadow,
-                probe_s=0.0 if self.shadow else PROBE_WAIT_S,
+                probe_s=0.0 if self.shadow else probe_s,
                 headroom=BATCH_HEADROOM if batch else 0,
                 reserve=self._daily_reserve if batch else 0,
             )
@@ -275,6 +284,9 @@ class Admission:
             # Another replica learned the key's limits: the shared state decided with them.
             self._adopt(key, decision.limits)
         self.cold.probing(key, decision)
+        if decision.admitted and not self.shadow:
+            # Never later than the slot on this process's clock: what the pad is measured from.
+            decision = dataclasses.replace(decision, due_at=asked_at + decision.wait_s)
         return decision
 
     def _decided(self, key: ResourceKey, decision: Decision, max_wait_s: float) -> Decision:
@@ -288,9 +300,18 @@ class Admission:
             )
         return decision
 
-    def settle(self, key: ResourceKey, decision: Decision) -> None:
-        """The request of `decision` is done (answered or failed)."""
-        self.cold.settle(key, decision)
+    async def settle(self, key: ResourceKey, decision: Decision) -> None:
+        """The request of `decision` is done. A probe that got no answer (the send failed)
+        lets the others go all the same, on every replica."""
+        if not self.cold.unanswered(key, decision):
+            return
+        try:
+            counts = UpstreamCounts(end_probe=True)
+            await self._limiter.observe(key, self.limits_for(key), self.today(), counts)
+        except LimiterUnavailable:
+            pass  # the probe's mark expires by itself
+        finally:
+            self.cold.settle(key, decision)
 
     async def aclose(self) -> None:
         await self.line.aclose()
@@ -316,19 +337,18 @@ class Admission:
         status: int,
         headers: Headers,
         decision: Decision,
-        slot_to_answer_s: float | None = None,
     ) -> None:
-        """Tell the limiter what the upstream's answer says of the key's limits.
+        """Tell the limiter what the upstream's answer (its headers just came) says of the
+        key's limits, and how long after its slot it came (the pad, late answers).
 
-        `decision` is what the limiter said when this request was admitted, and
-        `slot_to_answer_s` how long after its slot the answer's headers came. The upstream
+        `decision` is what the limiter said when this request was admitted. The upstream
         saying fewer remain than that means traffic the limiter never saw (it bypassed the
         proxy): every replica must know at once, as must the others waiting for a cold
         key's probe. Otherwise the counts may ride along with the key's next decision,
         which costs no extra round trip.
         """
-        if slot_to_answer_s is not None:
-            await self._measured(key, decision, slot_to_answer_s)
+        if decision.due_at is not None:
+            await self._measured(key, decision, time.monotonic() - decision.due_at)
         learned = self.learned.learn(key, headers)
         if learned is not None:
             await self._learned(key, learned)
@@ -354,7 +374,7 @@ class Admission:
                 counts = UpstreamCounts(burst, daily, at_once=surprising, end_probe=probe)
                 await self._limiter.observe(key, limits, self.today(), counts)
         finally:
-            self.settle(key, decision)
+            self.cold.settle(key, decision)
 
     async def _measured(
         self, key: ResourceKey, decision: Decision, slot_to_answer_s: float

@@ -44,6 +44,10 @@ class ColdKeys:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(probe.wait(), PROBE_WAIT_S)
 
+    def unanswered(self, key: ResourceKey, decision: Decision) -> bool:
+        """Whether `decision` made its request this process's probe of `key`, still out."""
+        return decision.probe == "this" and key in self._probes
+
     def settle(self, key: ResourceKey, decision: Decision) -> None:
         """The request of `decision` is done (answered, failed, or never sent): if it was
         the probe, the others go (the limiter's own expiry is the backstop for a probe

@@ -441,6 +441,7 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _check_caller_apps(config)
     _check_admin_token(config.admin)
     _check_lock_outlives_refresh(config)
+    _check_limits_agree(config.limits)
     _check_workers_share_limits(config)
     _check_webhook_keys(config.webhooks)
     Sealer.from_config(config.store.encryption_key)  # a malformed key names itself, not its value
@@ -620,6 +621,21 @@ def _check_lock_outlives_refresh(config: Config) -> None:
             "tokens.refresh_lock_ttl_s",
             f"must be at least 1 s longer than the slowest refresh (upstream.timeout_s + "
             f"upstream.connect_timeout_s = {slowest:g} s), got {ttl:g}",
+        )
+
+
+def _check_limits_agree(limits: LimitsConfig) -> None:
+    if limits.burst.max_pad_ms < limits.burst.pad_ms:
+        raise ConfigError(
+            "limits.burst.max_pad_ms",
+            f"must be at least limits.burst.pad_ms ({limits.burst.pad_ms}), "
+            f"got {limits.burst.max_pad_ms}",
+        )
+    if limits.daily.reserve >= limits.daily.requests:
+        raise ConfigError(
+            "limits.daily.reserve",
+            f"must be less than limits.daily.requests ({limits.daily.requests}): batch "
+            f"requests would never be sent, got {limits.daily.reserve}",
         )
 
 

@@ -80,11 +80,6 @@ class Timings:
 
     clock: Callable[[], float] = time.monotonic
     spent: dict[TimedPart, float] = field(default_factory=dict)
-    slot_at: float | None = None  # when the latest slot came (admission returned)
-
-    def since_slot(self) -> float | None:
-        """From the latest slot to now (an answer's headers): what the pad must cover."""
-        return None if self.slot_at is None else self.clock() - self.slot_at
 
     @contextmanager
     def timed(self, part: TimedPart) -> Iterator[None]:
@@ -177,7 +172,6 @@ class Forwarder:
             decision = await self._admission.admit(
                 target.key, max(0.0, deadline - time.monotonic()), asker
             )
-        timings.slot_at = timings.clock()
         return decision
 
     def upstream_url(self, request: web.Request) -> URL:
@@ -232,9 +226,7 @@ class Forwarder:
         while True:
             async with self._sent(target, decision, outgoing, timings) as answer:
                 self._metrics.upstream.labels(str(answer.status)).inc()
-                await self._admission.observe(
-                    target.key, answer.status, answer.headers, decision, timings.since_slot()
-                )
+                await self._admission.observe(target.key, answer.status, answer.headers, decision)
                 extra = self._admission.answers_for(target.key).answer_headers(
                     decision, timings.spent
                 )
@@ -289,7 +281,7 @@ class Forwarder:
     def _safe_to_repeat(self, request: web.Request, target: Target) -> bool:
         """Whether a request that may have run upstream may be sent again."""
         if safe_to_resend_timed_out(
-            request.method, request.path, request.headers, self._safe_routes
+            request.method, request.raw_path, request.headers, self._safe_routes
         ):
             return True
         log.info(
@@ -327,7 +319,7 @@ class Forwarder:
             async with self._send(outgoing, timings) as answer:
                 yield answer
         finally:
-            self._admission.settle(target.key, decision)
+            await self._admission.settle(target.key, decision)
 
     @asynccontextmanager
     async def _send(

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from urllib.parse import unquote
 
+from proxy.credential_paths import normalized_path
 from proxy.headers import Headers
 from proxy.typing import ResendReason
 
@@ -70,14 +72,21 @@ class SafeRoutes:
         return route in self._exact or path.startswith(self._prefixes.get(method, ()))
 
 
-def safe_to_resend_timed_out(method: str, path: str, headers: Headers, routes: SafeRoutes) -> bool:
+def safe_to_resend_timed_out(
+    method: str, raw_path: str, headers: Headers, routes: SafeRoutes
+) -> bool:
     """Whether a request answered `Command timed out` may be sent again: its method is
     idempotent, the caller sent a non-empty Idempotency-Key, or `(method, path)` (the
-    path without the query) is a listed route."""
+    percent-decoded path without the query) is a listed route and reads the same however
+    leniently a server resolves it (`/contacts/search/../` is not `/contacts/search`)."""
     if method in IDEMPOTENT_METHODS:
         return True
     if headers.get(IDEMPOTENCY_KEY, "").strip():
         return True
+    path = unquote(raw_path.split("?", 1)[0])
+    # A trailing slash changes no server's reading of the path; anything else does.
+    if normalized_path(raw_path) != (path.lower().rstrip("/") or "/"):
+        return False
     return (method, path) in routes
 
 

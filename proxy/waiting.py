@@ -110,10 +110,13 @@ class WaitingLine:
     def _move_up(self, key: ResourceKey, left: _Waiter, behind: list[_Waiter]) -> Decision:
         """Each of `behind` takes the place of the one before it; returns the decision
         whose place is left free (the last one's, or `left`'s own)."""
-        places = [(w.decision.slot, w.wake_at, w.order) for w in (left, *behind)]
+        places = [(w.decision, w.wake_at, w.order) for w in (left, *behind)]
         freed = (behind[-1] if behind else left).decision
-        for waiter, (slot, wake_at, order) in zip(behind, places, strict=False):
-            waiter.decision = dataclasses.replace(waiter.decision, slot=slot)
+        for waiter, (place, wake_at, order) in zip(behind, places, strict=False):
+            # The place's slot comes with its pad and its time on this clock.
+            waiter.decision = dataclasses.replace(
+                waiter.decision, slot=place.slot, pad_s=place.pad_s, due_at=place.due_at
+            )
             waiter.wake_at, waiter.order = wake_at, order
             self._schedule(key, waiter)
         return freed

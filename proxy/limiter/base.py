@@ -84,6 +84,8 @@ class Decision:
     # shared state holds (another replica learned them). None: no decision was made.
     limits: Limits | None = None
     pad_s: float = 0.0  # the pad in `slot`
+    # The slot on this process's monotonic clock, never later than it (Admission sets it).
+    due_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -168,7 +168,8 @@ class MemoryLimiter:
     ) -> None:
         state = self._live.get(key)
         if state is not None and decision.slot is not None:
-            slots.anchor(state, decision.slot, decision.slot + late_by_s)
+            now = self._clock()
+            slots.anchor(state, limits, now, decision.slot, decision.slot + late_by_s)
 
     async def learn(self, key: ResourceKey, limits: Limits, *, forget: bool = False) -> None:
         """Nothing to share: this process's view (Admission's) is all there is."""
@@ -194,32 +195,36 @@ class MemoryLimiter:
         """The key's full state, made from its compact count if it has one; None for a
         new key when the cap is reached even after compacting every idle key."""
         # A new day makes every idle key's count worthless at once: drop them all.
-        self._sweep(now, limits, None if self._counts.roll(day.id) else SWEEP_BUDGET)
+        self._sweep(now, None if self._counts.roll(day.id) else SWEEP_BUDGET)
         state = self._live.get(key)
         if state is not None:
+            state.window_s = limits.window_s
             return state
         count = self._counts.pop(key)
         if count is None and self.tracked_keys >= self._max_keys:
-            self._sweep(now, limits, None)
+            self._sweep(now, None)
             if self.tracked_keys >= self._max_keys:
                 return None
-        state = self._live[key] = slots.KeyState(day_id=self._counts.day_id, day_count=count or 0)
+        state = self._live[key] = slots.KeyState(
+            day_id=self._counts.day_id, day_count=count or 0, window_s=limits.window_s
+        )
         heapq.heappush(self._ends, (now, key))
         return state
 
-    def _sweep(self, now: float, limits: Limits, budget: int | None) -> None:
+    def _sweep(self, now: float, budget: int | None) -> None:
         """Compact live keys whose window has ended, at most `budget` of them (None: all).
 
         An entry's time is never later than its key's window end, so keys are checked no
-        sooner than needed; one whose window has moved on goes back with its new end.
+        sooner than needed; one whose window has moved on goes back with its new end. Each
+        key's own window counts (learned limits differ from key to key).
         """
-        hold = limits.window_s
         ends = self._ends
         checked = 0
         while ends and ends[0][0] <= now and (budget is None or checked < budget):
             _, key = heapq.heappop(ends)
             checked += 1
             state = self._live[key]
+            hold = state.window_s
             if state.slots and state.slots[-1] + hold > now:
                 heapq.heappush(ends, (state.slots[-1] + hold, key))
                 continue

@@ -7,7 +7,7 @@ Burst: `slots` holds, for every request still inside its hold, the latest time i
 have reached the upstream's counter (its "arrival bound"), ascending. A request sent at
 `s` with the pad `p` in force is bound by `s + p`: the upstream counts a request when it
 arrives, and the pad is how late after the send that can be (docs/architecture.md,
-"Jitter"). A new request gets `now` while fewer than N are kept, else
+"The limiter"). A new request gets `now` while fewer than N are kept, else
 `max(now, slots[-N] + W)`, and is kept as `slot + pad`; its hold is over once
 `bound + W <= now`. No W-window at the upstream's counter then holds more than N, as long
 as every request arrives within its pad of its send: whatever window (t - W, t] one
@@ -35,12 +35,14 @@ from proxy.typing import LimitedBy
 @dataclass(slots=True)
 class KeyState:
     """One key's state: arrival bounds of the requests in their hold (ascending), today's
-    count, and until when a probe of a cold key holds the others back."""
+    count, until when a probe of a cold key holds the others back, and the key's window
+    as last decided (keys may have learned limits of their own)."""
 
     slots: list[float] = field(default_factory=list)
     day_id: str = ""
     day_count: int = 0
     probe_until: float = 0.0
+    window_s: float = 0.0
 
     def roll_day(self, day: Day) -> None:
         if self.day_id != day.id:
@@ -89,8 +91,8 @@ def decide(
     (`end_probe`), or `probe_s` passes, the others are told to ask again
     (`probe == "other"`): traffic the proxy never saw may fill the window, and that
     answer's counts say so. `headroom` > 0 decides as if the limit were that many
-    fewer, and `reserve` refuses once fewer than that many requests of the day remain
-    (batch requests leave those to interactive ones).
+    fewer, and `reserve` refuses once only that many requests of the day remain (batch
+    requests leave those to interactive ones).
     """
     state.roll_day(day)
     trim(state, limits, now)
@@ -182,10 +184,13 @@ def release(state: KeyState, slot: float) -> bool:
     return False
 
 
-def anchor(state: KeyState, bound: float, answered_at: float) -> None:
+def anchor(state: KeyState, limits: Limits, now: float, bound: float, answered_at: float) -> None:
     """Move a request's bound to when its answer came back, when that is later: it may
-    have reached the counter that late (its pad was too short). Nothing if not kept."""
-    if answered_at > bound and release(state, bound):
+    have reached the counter that late (its pad was too short). A bound whose hold is
+    already over is added again if the answer's is not."""
+    if answered_at <= bound:
+        return
+    if release(state, bound) or answered_at + limits.window_s > now:
         bisect.insort(state.slots, answered_at)
 
 

@@ -8,9 +8,8 @@ no W-window of such arrivals ever holds more than N, whatever the pads and delay
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import pytest
@@ -19,28 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.harness.redis_server import RedisServer
-from proxy.limiter.base import Limiter, Limits, UpstreamCounts
-from proxy.limiter.memory import MemoryLimiter
-from proxy.limiter.redis import RedisLimiter
+from proxy.limiter.base import Limits, UpstreamCounts
+from proxy.limiter.redis import RedisLimiter, redis_keys
 from proxy.typing import ResourceKey
-from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
-
-LimiterFactory = Callable[[ManualClock], Limiter]
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def make_limiter(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[LimiterFactory]:
-    """A factory for a limiter of each backend on a given clock."""
-    if request.param == "memory":
-        yield MemoryLimiter
-        return
-    server = RedisServer(tmp_path / "redis").start()
-    client = aioredis.Redis.from_url(server.url)
-    try:
-        yield lambda clock: RedisLimiter(client, clock=clock)
-    finally:
-        await client.aclose()
-        server.stop()
+from tests.support.limiters import (
+    KEY,
+    SMALL,
+    TODAY,
+    ManualClock,
+    max_in_any_window,
+    replay_limiter,
+)
 
 
 async def test_a_longer_pad_holds_its_own_slot_longer(make_limiter) -> None:
@@ -129,9 +117,30 @@ async def test_batch_requests_leave_a_slot_of_every_window_to_interactive_ones(
     limiter = make_limiter(clock)
     batch = [await limiter.acquire(KEY, SMALL, TODAY, 0.02, headroom=1) for _ in range(5)]
     assert [d.admitted for d in batch] == [True] * 4 + [False]
+    # What remains is said on the whole limit, by both backends alike.
+    assert [d.burst_remaining for d in batch] == [4, 3, 2, 1, 1]
     assert batch[-1].retry_after_s == pytest.approx(1.1)
     interactive = await limiter.acquire(KEY, SMALL, TODAY, 30)
     assert interactive.admitted and interactive.wait_s == 0
+
+
+async def test_a_key_on_a_longer_learned_window_keeps_its_slots_while_others_decide(
+    make_limiter,
+) -> None:
+    """Keys may have learned windows of their own: a key on 2 per 60 s keeps its slots
+    while keys on 5 per 1 s come and go, and refuses its third request for a minute."""
+    clock = ManualClock()
+    limiter = make_limiter(clock)
+    slow = replace(SMALL, burst=2, window_s=60.0)
+    other = ResourceKey(KEY.app, "location", "other")
+    await limiter.acquire(KEY, slow, TODAY, 0)
+    await limiter.acquire(other, SMALL, TODAY, 0)
+    await limiter.acquire(KEY, slow, TODAY, 0)
+    clock.advance(2.0)
+    await limiter.acquire(other, SMALL, TODAY, 0)
+    third = await limiter.acquire(KEY, slow, TODAY, 0)
+    assert not third.admitted
+    assert third.retry_after_s == pytest.approx(58.1)
 
 
 def reference_bounds(
@@ -152,23 +161,7 @@ def reference_bounds(
     return result
 
 
-def max_in_any_window(arrivals: list[float], window_ms: int) -> int:
-    ordered = sorted(arrivals)
-    return max(
-        (sum(1 for other in ordered if start <= other < start + window_ms) for start in ordered),
-        default=0,
-    )
-
-
-@pytest.fixture
-def event_loop_for_hypothesis() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 _example_ids = itertools.count()
-_redis_for_property: dict[str, RedisServer] = {}
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -191,7 +184,7 @@ _redis_for_property: dict[str, RedisServer] = {}
     max_wait_ms=st.integers(min_value=0, max_value=3000),
 )
 def test_arrivals_within_their_bounds_never_fill_a_window_past_n(
-    backend, tmp_path_factory, event_loop_for_hypothesis, requests, burst, window_ms, max_wait_ms
+    backend, property_redis, event_loop_for_hypothesis, requests, burst, window_ms, max_wait_ms
 ) -> None:
     """Each request has its own pad, and some answers come back later than it (anchored
     at once); every backend gives the model's slots, and however each request's arrival
@@ -201,7 +194,7 @@ def test_arrivals_within_their_bounds_never_fill_a_window_past_n(
     expected = reference_bounds(steps, burst, window_ms, max_wait_ms + 0.5)
     limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=0.0, daily=10**9)
     got = event_loop_for_hypothesis.run_until_complete(
-        _replay(backend, tmp_path_factory, steps, limits, (max_wait_ms + 0.5) / 1000)
+        _replay(backend, property_redis, steps, limits, (max_wait_ms + 0.5) / 1000)
     )
     assert [None if g is None else round(g) for g in got] == expected
     arrivals = [
@@ -214,7 +207,7 @@ def test_arrivals_within_their_bounds_never_fill_a_window_past_n(
 
 async def _replay(
     backend: str,
-    tmp_path_factory,
+    property_redis: Callable[[], RedisServer],
     steps: list[tuple[int, int, int]],
     limits: Limits,
     max_wait_s: float,
@@ -222,19 +215,9 @@ async def _replay(
     """Each request's slot in ms on a fresh key (None: refused), anchoring late answers."""
     clock = ManualClock()
     key = ResourceKey("app", "location", f"bounds-{next(_example_ids)}")
-    client = None
-    if backend == "memory":
-        limiter: Limiter = MemoryLimiter(clock)
-    else:
-        server = _redis_for_property.get("server")
-        if server is None:
-            server = RedisServer(tmp_path_factory.mktemp("redis-bounds")).start()
-            _redis_for_property["server"] = server
-        client = aioredis.Redis.from_url(server.url)
-        limiter = RedisLimiter(client, clock=clock)
     start = clock.now
     slots: list[float | None] = []
-    try:
+    async with replay_limiter(backend, clock, property_redis) as limiter:
         for at, pad_ms, late_ms in steps:
             clock.now = start + at / 1000
             own = replace(limits, pad_s=pad_ms / 1000)
@@ -242,37 +225,39 @@ async def _replay(
             slots.append((at + decision.wait_s * 1000) if decision.admitted else None)
             if decision.admitted and late_ms:
                 await limiter.anchor(key, own, decision, late_ms / 1000)
-    finally:
-        if client is not None:
-            await client.aclose()
     return slots
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_property_redis() -> Iterator[None]:
-    yield
-    server = _redis_for_property.pop("server", None)
-    if server is not None:
-        server.stop()
-
-
 @pytest.fixture
-async def redis_limiter(tmp_path) -> AsyncIterator[tuple[RedisLimiter, RedisLimiter]]:
-    """Two replicas' limiters on one Redis and one clock."""
+async def redis_limiter(
+    tmp_path,
+) -> AsyncIterator[tuple[RedisLimiter, RedisLimiter, aioredis.Redis]]:
+    """Two replicas' limiters on one Redis and one clock, and a client to look inside."""
     server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(server.url)
     clock = ManualClock()
     try:
-        yield RedisLimiter(client, clock=clock), RedisLimiter(client, clock=clock)
+        yield RedisLimiter(client, clock=clock), RedisLimiter(client, clock=clock), client
     finally:
         await client.aclose()
         server.stop()
 
 
+async def test_learning_a_longer_window_keeps_the_slots_already_taken(redis_limiter) -> None:
+    """Slots taken under 2 per 0.5 s live as long as the learned 2 per 60 s needs them."""
+    a, _, client = redis_limiter
+    fast = replace(SMALL, burst=2, window_s=0.5)
+    for _ in range(2):
+        await a.acquire(KEY, fast, TODAY, 0)
+    await a.learn(KEY, replace(fast, window_s=60.0))
+    burst_key = redis_keys(KEY, TODAY)[0]
+    assert await client.pttl(burst_key) > 59_000
+
+
 async def test_limits_one_replica_learned_decide_for_every_replica(redis_limiter) -> None:
     """Replica A learns 2 per window for the key; replica B, asking with the configured 5,
     is decided on 2 and told which limits decided."""
-    a, b = redis_limiter
+    a, b, _ = redis_limiter
     learned = replace(SMALL, burst=2)
     await a.learn(KEY, learned)
     decisions = [await b.acquire(KEY, SMALL, TODAY, 30) for _ in range(3)]

@@ -6,39 +6,25 @@ test sleeps through a window.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.harness.redis_server import RedisServer
-from proxy.limiter.base import Day, Decision, Limiter, Limits, UpstreamCounts
-from proxy.limiter.memory import MemoryLimiter
-from proxy.limiter.redis import RedisLimiter
+from proxy.limiter.base import Day, Decision, Limits, UpstreamCounts
 from proxy.typing import ResourceKey
-from tests.support.limiters import KEY, SMALL, TODAY, ManualClock
-
-LimiterFactory = Callable[[ManualClock], Limiter]
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def make_limiter(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[LimiterFactory]:
-    """A factory for a limiter of each backend on a given clock."""
-    if request.param == "memory":
-        yield MemoryLimiter
-        return
-    server = RedisServer(tmp_path / "redis").start()
-    client = aioredis.Redis.from_url(server.url)
-    try:
-        yield lambda clock: RedisLimiter(client, clock=clock)
-    finally:
-        await client.aclose()
-        server.stop()
+from tests.support.limiters import (
+    KEY,
+    SMALL,
+    TODAY,
+    ManualClock,
+    max_in_any_window,
+    replay_limiter,
+)
 
 
 async def test_burst_admits_n_at_once_then_queues_after_the_window(make_limiter) -> None:
@@ -278,21 +264,6 @@ def reference_with_releases(
     return result, kept
 
 
-def max_in_any_window(slots: list[int], window_ms: int) -> int:
-    ordered = sorted(slots)
-    return max(
-        (sum(1 for other in ordered if start <= other < start + window_ms) for start in ordered),
-        default=0,
-    )
-
-
-@pytest.fixture
-def event_loop_for_hypothesis() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 _example_ids = itertools.count()
 
 
@@ -309,7 +280,7 @@ _example_ids = itertools.count()
 )
 def test_backends_match_the_reference_model(
     backend,
-    tmp_path_factory,
+    property_redis,
     event_loop_for_hypothesis,
     gaps,
     burst,
@@ -324,7 +295,7 @@ def test_backends_match_the_reference_model(
     limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=pad_ms / 1000, daily=10**9)
     steps: list[tuple[int, int | None]] = [(arrival, None) for arrival in arrivals]
     got = event_loop_for_hypothesis.run_until_complete(
-        _replay(backend, tmp_path_factory, steps, limits, (max_wait_ms + 0.5) / 1000)
+        _replay(backend, property_redis, steps, limits, (max_wait_ms + 0.5) / 1000)
     )
     # Slots are whole milliseconds; rounding removes float noise from the backends' seconds.
     slots = [None if g is None else round(g) for g in got]
@@ -353,7 +324,7 @@ def test_backends_match_the_reference_model(
 )
 def test_backends_match_the_reference_model_when_callers_leave(
     backend,
-    tmp_path_factory,
+    property_redis,
     event_loop_for_hypothesis,
     steps,
     burst,
@@ -368,18 +339,15 @@ def test_backends_match_the_reference_model_when_callers_leave(
     expected, sent = reference_with_releases(timed, burst, window_ms, pad_ms, max_wait_ms + 0.5)
     limits = Limits(burst=burst, window_s=window_ms / 1000, pad_s=pad_ms / 1000, daily=10**9)
     got = event_loop_for_hypothesis.run_until_complete(
-        _replay(backend, tmp_path_factory, timed, limits, (max_wait_ms + 0.5) / 1000)
+        _replay(backend, property_redis, timed, limits, (max_wait_ms + 0.5) / 1000)
     )
     assert [None if g is None else round(g) for g in got] == expected
     assert max_in_any_window(sent, window_ms) <= burst
 
 
-_redis_for_property: dict[str, RedisServer] = {}
-
-
 async def _replay(
     backend: str,
-    tmp_path_factory,
+    property_redis: Callable[[], RedisServer],
     steps: list[tuple[int, int | None]],
     limits: Limits,
     max_wait_s: float,
@@ -388,20 +356,10 @@ async def _replay(
     waiting request's caller leaving (as in `reference_with_releases`)."""
     clock = ManualClock()
     key = ResourceKey("app", "location", f"example-{next(_example_ids)}")
-    client = None
-    if backend == "memory":
-        limiter: Limiter = MemoryLimiter(clock)
-    else:
-        server = _redis_for_property.get("server")
-        if server is None:
-            server = RedisServer(tmp_path_factory.mktemp("redis-property")).start()
-            _redis_for_property["server"] = server
-        client = aioredis.Redis.from_url(server.url)
-        limiter = RedisLimiter(client, clock=clock)
     start = clock.now
     slots: list[float | None] = []
     admitted: list[tuple[float, Decision]] = []
-    try:
+    async with replay_limiter(backend, clock, property_redis) as limiter:
         for at, leaver in steps:
             clock.now = start + at / 1000
             if leaver is not None:
@@ -416,18 +374,7 @@ async def _replay(
             slots.append(slot)
             if slot is not None:
                 admitted.append((slot, decision))
-    finally:
-        if client is not None:
-            await client.aclose()
     return slots
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_property_redis() -> Iterator[None]:
-    yield
-    server = _redis_for_property.pop("server", None)
-    if server is not None:
-        server.stop()
 
 
 async def test_upstream_counts_hold_from_when_they_were_said(make_limiter) -> None:

@@ -15,6 +15,7 @@ import pytest
 from proxy.server import RunningServer
 from proxy.services import SERVICES
 from tests.conftest import SIM_CLIENT_ID
+from tests.support.bursts import decisions
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "limitLoc01"
@@ -56,18 +57,6 @@ async def call(
     sent = {"Authorization": f"Bearer {token}", **headers}
     async with http.get(f"{url}/contacts/?i={index}", headers=sent) as response:
         return response.status, dict(response.headers), json.loads(await response.read())
-
-
-def decisions(proxy: RunningServer) -> dict[str, int]:
-    """The proxy's limiter decisions so far, by outcome (sent, queued, shadow_would_queue...)."""
-    registry = proxy.runner.app[SERVICES].metrics.registry
-    return {
-        sample.labels["outcome"]: int(sample.value)
-        for family in registry.collect()
-        if family.name == "hoopai_proxy_limiter_decisions"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    }
 
 
 def held_now(proxy: RunningServer) -> int:

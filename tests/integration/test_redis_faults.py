@@ -11,8 +11,10 @@ Each test asserts, from the simulator's counts: no upstream 429 at all; from the
 no answer that is neither a 200 nor a 429 (no 5xx of the proxy, no request left hanging);
 and from the simulator's arrival times: at least 1/3 of the limit served while Redis was
 gone. `pytest -s` prints the figures. How long anything took is never asserted (the fault
-lasts a set time; every other phase waits for state it can see): bench/faults.py runs the
-issue's exact figures and prints a table.
+lasts a set time; every other phase waits for state it can see). To keep the suite short,
+CI runs the kill at the saturated load and the stop below the limit (where the served
+share has the least margin); bench/faults.py runs every fault at the issue's exact
+figures and prints a table.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ BELOW_LIMIT = Scenario(
     rate_per_s=0.8 * Scenario().limit_per_s, arrivals="poisson", max_wait_ms=10_000
 )
 SATURATED = Scenario(rate_per_s=50.0, arrivals="poisson", max_wait_ms=10_000)
-LOADS = {"below_limit": BELOW_LIMIT, "saturated": SATURATED}
 KILL = Fault("kill", down_s=2.5 * Scenario().window_s)
 STOP = Fault("stop", down_s=1.5 * Scenario().window_s)
 
@@ -68,23 +69,22 @@ def assert_no_overshoot(figures: Figures) -> None:
     assert figures.served_in_outage >= figures.share_in_outage, "less than 1/3 served"
 
 
-@pytest.mark.parametrize("load", LOADS)
 async def test_redis_killed_and_restarted_empty_sends_no_upstream_429(
-    load: str, simulator, redis_server: RedisServer, spawn_proxy
+    simulator, redis_server: RedisServer, spawn_proxy
 ) -> None:
-    """Redis killed (kill -9) under load for 2.5 windows, then restarted empty on the same
-    address: the replicas go local and back without one upstream 429 or 5xx, and serve at
-    least 1/3 of the limit while it is down."""
-    figures = await run(LOADS[load], KILL, simulator, redis_server, spawn_proxy)
+    """Redis killed (kill -9) under the saturated load for 2.5 windows, then restarted
+    empty on the same address: the replicas go local and back without one upstream 429 or
+    5xx, and serve at least 1/3 of the limit while it is down."""
+    figures = await run(SATURATED, KILL, simulator, redis_server, spawn_proxy)
     assert_no_overshoot(figures)
 
 
-@pytest.mark.parametrize("load", LOADS)
 async def test_redis_stopped_and_continued_sends_no_upstream_429(
-    load: str, simulator, redis_server: RedisServer, spawn_proxy
+    simulator, redis_server: RedisServer, spawn_proxy
 ) -> None:
-    """Redis stopped (SIGSTOP) under load for 1.5 windows, then continued (SIGCONT) with
-    its old data and the commands that queued in its sockets: no upstream 429 or 5xx, and
-    at least 1/3 of the limit served while it was stopped."""
-    figures = await run(LOADS[load], STOP, simulator, redis_server, spawn_proxy)
+    """Redis stopped (SIGSTOP) below the limit for 1.5 windows, then continued (SIGCONT)
+    with its old data and the commands that queued in its sockets: no upstream 429 or 5xx,
+    and at least 1/3 of the limit served while it was stopped (the load with the least
+    margin on that)."""
+    figures = await run(BELOW_LIMIT, STOP, simulator, redis_server, spawn_proxy)
     assert_no_overshoot(figures)

@@ -125,3 +125,24 @@ def test_not_resent_message_says_what_to_do() -> None:
     assert "POST /contacts/" in message
     assert "may have run upstream and was not resent" in message
     assert "Idempotency-Key" in message and "upstream.safe_resend_routes" in message
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/contacts/search/../",  # a lenient server reads POST /contacts/: a create
+        "/contacts/search/%2e%2e/x",
+        "/contacts/search/..%2f",
+        "/contacts/search\\..\\x",
+        "/contacts/search/./x/../../y",
+    ],
+)
+def test_a_listed_route_read_otherwise_by_a_lenient_server_is_not_safe(raw_path: str) -> None:
+    """The route rules match the path as it will be read upstream: one whose dot segments
+    or encodings could resolve elsewhere is not resent."""
+    assert not safe_to_resend_timed_out("POST", raw_path, NO_HEADERS, ROUTES)
+
+
+def test_a_listed_route_with_a_query_or_a_trailing_slash_is_read_plainly() -> None:
+    assert safe_to_resend_timed_out("POST", "/contacts/search?q=a/../b", NO_HEADERS, ROUTES)
+    assert safe_to_resend_timed_out("PATCH", "/opportunities/", NO_HEADERS, ROUTES)

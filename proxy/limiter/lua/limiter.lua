@@ -25,7 +25,7 @@
 -- ARGV[14] "1": these counts answer the key's probe; the others may go
 -- ARGV[15] headroom: decide as if the limit were this many fewer (batch requests leave
 --          that many slots of every window to interactive ones)
--- ARGV[16] reserve: refuse once fewer than this many requests of the day remain
+-- ARGV[16] reserve: refuse once only this many requests of the day remain
 -- Returns for acquire {admitted, wait_us, retry_after_us, limited_by, burst_remaining,
 -- burst_reset_us, daily_remaining, slot_us, queue_end_us, probe, learned burst, window_us,
 -- daily (0 when the key has none)}; times are relative to
@@ -57,14 +57,11 @@ if op == "release" then
   return redis.call("LREM", KEYS[1], 1, ARGV[7])
 end
 local LEARNED_TTL_MS = 86400000
-if op == "learn" then
-  if ARGV[7] == "0" then return redis.call("DEL", KEYS[5]) end
-  redis.call("SET", KEYS[5], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
-  return 1
-end
 -- Limits another replica learned from the upstream decide; kept while the key is in use.
+-- ("learn" writes the limits it is given.)
 local learned = {0, 0, 0}
-local stored_limits = redis.call("GET", KEYS[5])
+local stored_limits = false
+if op ~= "learn" then stored_limits = redis.call("GET", KEYS[5]) end
 if stored_limits then
   local b, w, d = string.match(stored_limits, "^(%d+):(%d+):(%d+)$")
   if b then
@@ -89,6 +86,14 @@ local function keep_until_last_hold()
   if last then
     redis.call("PEXPIRE", KEYS[1], math.ceil((tonumber(last) - now + window) / 1000) + 1000)
   end
+end
+
+if op == "learn" then
+  if ARGV[7] == "0" then return redis.call("DEL", KEYS[5]) end
+  redis.call("SET", KEYS[5], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
+  -- The slots already taken must live as long as the new window needs them.
+  keep_until_last_hold()
+  return 1
 end
 
 -- Put `count` slots at `at`, keeping the list in order. Stored as "%d" text, so a release
@@ -167,8 +172,10 @@ local function transition_until()
 end
 
 if op == "anchor" then
-  if redis.call("LREM", KEYS[1], 1, ARGV[7]) == 1 then
-    add_at(tonumber(ARGV[7]) + tonumber(ARGV[8]), 1)
+  -- A bound whose hold is already over is added again if the answer's is not.
+  local answered_at = tonumber(ARGV[7]) + tonumber(ARGV[8])
+  if redis.call("LREM", KEYS[1], 1, ARGV[7]) == 1 or answered_at + window > now then
+    add_at(answered_at, 1)
   end
   return 1
 end
@@ -192,7 +199,9 @@ local count = tonumber(redis.call("GET", KEYS[2]) or "0")
 -- Right after an outage, replicas still deciding locally keep their share of each window.
 local until_us, others = transition_until()
 if until_us > now then burst = math.max(1, burst - others) end
-if headroom > 0 then burst = math.max(1, burst - headroom) end
+-- Batch requests decide as if the limit were `headroom` fewer; what remains is on N.
+local decide_burst = burst
+if headroom > 0 then decide_burst = math.max(1, burst - headroom) end
 
 local function answer(admitted, wait, retry_after, limited_by, slot, probe)
   local remaining, reset = burst_view(redis.call("LRANGE", KEYS[1], -burst, -1), burst)
@@ -214,8 +223,8 @@ if probe_for > 0 and not shadow then
   if redis.call("LLEN", KEYS[1]) == 0 then probe = "this" end
 end
 local slot = now
-if redis.call("LLEN", KEYS[1]) >= burst then
-  slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -burst)) + window)
+if redis.call("LLEN", KEYS[1]) >= decide_burst then
+  slot = math.max(now, tonumber(redis.call("LINDEX", KEYS[1], -decide_burst)) + window)
 end
 local wait = slot - now
 if wait > max_wait and not shadow then
