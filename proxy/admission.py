@@ -42,7 +42,7 @@ from proxy.headers import (
 from proxy.learned_limits import LearnedLimits
 from proxy.limit_answers import MAX_WAIT_HEADER, LimitAnswers, shadow_verdict
 from proxy.limiter.base import Day, Decision, Limiter, Limits, UpstreamCounts
-from proxy.limiter.days import day_at
+from proxy.limiter.days import DayClock
 from proxy.limiter.pad import PadEstimate
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
@@ -117,9 +117,9 @@ class Admission:
         self.shadow = limits.mode == "shadow"
         self._answers: dict[tuple[int, float, int], LimitAnswers] = {}
         self._daily_reserve = limits.daily.reserve
-        self._zone = limits.daily.zone
+        self._days = DayClock(limits.daily.zone, wall_clock)
+        self._with_pad: dict[tuple[Limits, float], Limits] = {}
         self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
-        self._wall_clock = wall_clock
         self.line = WaitingLine(self._give_back)
         self.batch = BatchLine()
         self.cold = ColdKeys()
@@ -129,13 +129,21 @@ class Admission:
         self._learn_epoch = 0
 
     def today(self) -> Day:
-        return day_at(self._wall_clock(), self._zone)
+        return self._days.today()
 
     def limits_for(self, key: ResourceKey) -> Limits:
         """The key's limits now: learned or configured, with the pad in force."""
         limits = self.learned.limits_for(key)
         pad = self.pad.pad_s
-        return limits if limits.pad_s == pad else dataclasses.replace(limits, pad_s=pad)
+        if limits.pad_s == pad:
+            return limits
+        # Kept, not built per request: a few limits and pads are in force at a time.
+        padded = self._with_pad.get((limits, pad))
+        if padded is None:
+            if len(self._with_pad) >= ANSWER_SHAPES:
+                self._with_pad.clear()
+            padded = self._with_pad[limits, pad] = dataclasses.replace(limits, pad_s=pad)
+        return padded
 
     def answers_for(self, key: ResourceKey) -> LimitAnswers:
         """How the key's decisions look to a caller, on the key's own limits."""

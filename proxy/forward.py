@@ -62,6 +62,9 @@ from proxy.typing import ResendReason
 
 log = logging.getLogger(__name__)
 
+# Answers up to this size (as their Content-Length says) are relayed in one write.
+SMALL_BODY_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -377,10 +380,34 @@ def buffered_response(
     return response
 
 
+def _small_body(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
+    """An answer whose whole body is small and announced: relayed in one write, which
+    costs a fraction of streaming it (most API answers are a few KiB of JSON). HEAD,
+    204 and 304 answers announce a length they do not carry, so they stream."""
+    length = answer.content_length
+    return (
+        length is not None
+        and length <= SMALL_BODY_BYTES
+        and request.method != "HEAD"
+        and answer.status not in (204, 304)
+    )
+
+
 async def relay_response(
     request: web.Request, answer: aiohttp.ClientResponse, extra: Mapping[str, str]
 ) -> web.StreamResponse:
-    """Stream the upstream's status, headers and body back to the caller."""
+    """Stream the upstream's status, headers and body back to the caller (a small body
+    is read whole and sent at once)."""
+    if _small_body(request, answer):
+        try:
+            body = await answer.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # Nothing is sent to the caller yet: the truth is a 502.
+            raise UpstreamUnreachable(
+                f"The upstream broke off the body of {request.method} {request.path}: "
+                f"{type(exc).__name__}"
+            ) from exc
+        return buffered_response(answer, body, extra)
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(caller_response_headers(answer.headers))
     add_proxy_headers(response.headers, extra)

@@ -39,6 +39,9 @@ from proxy.typing import ResourceKey
 
 log = logging.getLogger(__name__)
 
+# Distinct statements of the limits (three header values) whose outcome is remembered.
+STATEMENTS_KEPT = 256
+
 
 def at_least_as_strict(first: Limits, second: Limits) -> bool:
     """Whether every schedule `first`'s burst limit allows fits `second`'s too."""
@@ -58,6 +61,8 @@ class LearnedLimits:
         self._mode = mode
         self._max_keys = max_keys
         self._learned: OrderedDict[ResourceKey, Limits] = OrderedDict()
+        # What each statement of the headers allows (answers repeat the same few).
+        self._allowed_for: dict[tuple[str | None, str | None, str | None], Limits] = {}
 
     def limits_for(self, key: ResourceKey) -> Limits:
         """The key's limits (its pad is the configured floor: the caller sets the pad)."""
@@ -71,10 +76,22 @@ class LearnedLimits:
         they changed (logged), else None."""
         if self._mode == "off":
             return None
-        stated = self._stated(headers)
-        if stated is None:
-            return None
-        return self._set(key, self._allowed(stated), said="the upstream states")
+        said = (
+            headers.get(UPSTREAM_BURST_MAX),
+            headers.get(UPSTREAM_INTERVAL_MS),
+            headers.get(UPSTREAM_DAILY_LIMIT),
+        )
+        allowed = self._allowed_for.get(said)
+        if allowed is None:
+            stated = self._stated(headers)
+            if stated is None:
+                return None
+            if len(self._allowed_for) >= STATEMENTS_KEPT:
+                self._allowed_for.clear()
+            allowed = self._allowed_for[said] = self._set_pad(self._allowed(stated))
+        if allowed == self._learned.get(key, self.configured):
+            return None  # the usual answer: nothing new (checked before any copy is made)
+        return self._set(key, allowed, said="the upstream states")
 
     def adopt(self, key: ResourceKey, limits: Limits) -> Limits | None:
         """Take the limits another replica learned; the new limits when they changed,
@@ -113,9 +130,14 @@ class LearnedLimits:
             configured, burst=burst, window_s=window_s, daily=min(configured.daily, stated.daily)
         )
 
-    def _set(self, key: ResourceKey, limits: Limits, *, said: str) -> Limits | None:
+    def _set_pad(self, limits: Limits) -> Limits:
         # The pad is each replica's own (limiter/pad.py): never part of what is learned.
-        limits = dataclasses.replace(limits, pad_s=self.configured.pad_s)
+        if limits.pad_s == self.configured.pad_s:
+            return limits
+        return dataclasses.replace(limits, pad_s=self.configured.pad_s)
+
+    def _set(self, key: ResourceKey, limits: Limits, *, said: str) -> Limits | None:
+        limits = self._set_pad(limits)
         if limits == self.limits_for(key):
             return None
         if limits == self.configured:

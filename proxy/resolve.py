@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from multidict import CIMultiDictProxy, MultiMapping
@@ -42,6 +42,8 @@ _ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 PRIVATE_INTEGRATION = "private-integration"
 _LOCATIONS_PATH = re.compile(r"^/locations/([^/?]+)")
 _AUTH_CLASSES: dict[str, ResourceKind] = {"Location": "location", "Company": "company"}
+# Decoded tokens remembered (a few MiB at most: tokens are about 1 KiB).
+CLAIMS_KEPT = 4096
 # A resource a request names: (kind, id).
 Named = tuple[ResourceKind, str]
 
@@ -59,10 +61,11 @@ class Target:
     # Interactive requests take the earliest slot; batch ones wait their turn (admission).
     priority: Priority = "interactive"
     weight: int = 1  # the caller's share among batch requests waiting for one resource
+    # Built once: the request path asks for it at every step.
+    key: ResourceKey = field(init=False)
 
-    @property
-    def key(self) -> ResourceKey:
-        return ResourceKey(self.app_id, self.kind, self.id)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ResourceKey(self.app_id, self.kind, self.id))
 
     @property
     def resource(self) -> str:
@@ -100,10 +103,21 @@ class Resolver:
         self._apps_by_id = {app.app_id: app for app in config.apps}
         self._callers = {caller.key_sha256: caller for caller in config.callers}
         self._default = _split_resource(config.default_resource)
+        self._claims_of: dict[str, dict[str, Any] | None] = {}
+
+    def _claims(self, token: str) -> dict[str, Any] | None:
+        """`jwt_claims`, remembered for the last tokens seen: a caller sends the same
+        token for up to a day, and decoding it is a good part of resolving."""
+        if token in self._claims_of:
+            return self._claims_of[token]
+        if len(self._claims_of) >= CLAIMS_KEPT:
+            self._claims_of.clear()  # the next requests fill it again with the live ones
+        claims = self._claims_of[token] = jwt_claims(token)
+        return claims
 
     def resolve(self, facts: RequestFacts) -> Target:
         bearer = bearer_of(facts.headers)
-        claims = jwt_claims(bearer) if bearer else None
+        claims = self._claims(bearer) if bearer else None
         passthrough = bearer if bearer and is_highlevel_token(bearer, claims) else None
         caller = self._caller(facts.headers, bearer if passthrough is None else None)
         app: AppConfig | None
@@ -265,8 +279,8 @@ def _from_mapping(values: Any) -> Named | None:
         ("locationId", "location"),
         ("companyId", "company"),
     )
-    for field, kind in fields:
-        value = values.get(field)
+    for name, kind in fields:
+        value = values.get(name)
         if isinstance(value, str) and value:
             return kind, value
     return None

@@ -250,3 +250,46 @@ async def test_streamed_body_over_the_limit_is_413(simulator, start_proxy, http)
     async with http.post(f"{proxy.url}/_sim/echo/big", data=chunks()) as response:
         assert response.status == 413
         assert (await response.json())["error"] == "body_too_large"
+
+
+async def _breaking_upstream(announced: int, sent: int) -> tuple[asyncio.Server, str]:
+    """An upstream that announces `announced` body bytes, sends `sent`, then hangs up."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {announced}\r\n\r\n".encode()
+            + b"x" * sent
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def test_a_small_body_the_upstream_breaks_off_is_a_502(start_proxy, http) -> None:
+    """A small answer is read whole before anything reaches the caller, so a body the
+    upstream cuts short becomes a JSON 502, never a 200 with half a body."""
+    server, url = await _breaking_upstream(announced=1000, sent=10)
+    async with server:
+        proxy = await start_proxy(url)
+        async with http.get(f"{proxy.url}/contacts/") as response:
+            assert response.status == 502
+            assert (await response.json())["error"] == "upstream_unreachable"
+
+
+async def test_a_large_body_the_upstream_breaks_off_is_cut_for_the_caller(
+    start_proxy, http
+) -> None:
+    """A large answer streams: its status line is already sent when the upstream hangs up,
+    so the caller's connection is cut and it sees a short body, not a complete one."""
+    server, url = await _breaking_upstream(announced=200_000, sent=70_000)
+    async with server:
+        proxy = await start_proxy(url)
+        async with http.get(f"{proxy.url}/contacts/") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from proxy.config import AppConfig, TokensConfig
-from proxy.limiter.days import day_at
+from proxy.limiter.days import DayClock, day_at
 from proxy.tokens.keepalive import KeepAlive, spread_fraction
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord
 
@@ -75,3 +77,17 @@ def test_old_refresh_tokens_are_refreshed_and_dead_ones_are_left() -> None:
     assert not alive.due(young, now=299 * day)
     dead = record(3, expires_at=0.0, refreshed_at=0.0, status=NEEDS_REAUTH)
     assert not alive.due(dead, now=10 * day)
+
+
+def test_the_day_clock_agrees_with_day_at_across_midnight_dst_and_a_clock_moved_back() -> None:
+    """DayClock works the day out once and reuses it; whatever the clock does (forward
+    across midnight and a DST change, back to an earlier day), it says what day_at says."""
+    zone = ZoneInfo("America/New_York")
+    now = [datetime(2026, 3, 7, 23, 59, 30, tzinfo=zone).timestamp()]
+    clock = DayClock(zone, lambda: now[0])
+    for step_s in (0, 10, 29, 1, 3600, 86_400, 23 * 3600, -3 * 86_400, 200 * 86_400, 0.5):
+        now[0] += step_s
+        expected = day_at(now[0], zone)
+        got = clock.today()
+        assert got.id == expected.id
+        assert got.ends_in_s == pytest.approx(expected.ends_in_s)
