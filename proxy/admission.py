@@ -300,7 +300,7 @@ class Admission:
     def _decided(self, key: ResourceKey, decision: Decision, max_wait_s: float) -> Decision:
         """Record a decision; a refusal raises RateLimited."""
         self._board.decided(key, decision)
-        self._metrics.decisions.labels(_outcome(decision, self.shadow)).inc()
+        self._metrics.count_decision(_outcome(decision, self.shadow))
         if not decision.admitted:
             raise RateLimited(
                 self.answers_for(key).refusal_message(key, decision, max_wait_s),

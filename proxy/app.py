@@ -48,7 +48,7 @@ def create_app(
 
 
 def count_answer(request: web.Request, status: int) -> None:
-    request.app[SERVICES].metrics.answers.labels(str(status)).inc()
+    request.app[SERVICES].metrics.count_answer(status)
 
 
 def refuse_non_origin_form(request: web.Request) -> None:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -84,14 +83,13 @@ class Timings:
     clock: Callable[[], float] = time.monotonic
     spent: dict[TimedPart, float] = field(default_factory=dict)
 
-    @contextmanager
-    def timed(self, part: TimedPart) -> Iterator[None]:
-        """Add the time the block takes to `part`, also when it raises."""
-        began = self.clock()
-        try:
-            yield
-        finally:
-            self.spent[part] = self.spent.get(part, 0.0) + self.clock() - began
+    def timed(self, part: TimedPart) -> _Timed:
+        """`with timings.timed(part):` adds the time the block takes to `part`, also when
+        it raises."""
+        return _Timed(self, part)
+
+    def add(self, part: TimedPart, seconds: float) -> None:
+        self.spent[part] = self.spent.get(part, 0.0) + seconds
 
     def access_notes(self) -> dict[str, float]:
         """The access line's fields: `queue_ms` as X-HoopAI-Queue-Ms says it, the rest to
@@ -99,6 +97,23 @@ class Timings:
         notes = {f"{part}_ms": round(self.spent[part] * 1000, 1) for part in self.spent}
         notes["queue_ms"] = round(self.spent.get("queue", 0.0) * 1000)
         return notes
+
+
+class _Timed:
+    """The block `Timings.timed` times (a class, not a generator: it runs on every send)."""
+
+    __slots__ = ("_began", "_part", "_timings")
+
+    def __init__(self, timings: Timings, part: TimedPart) -> None:
+        self._timings = timings
+        self._part = part
+        self._began = 0.0
+
+    def __enter__(self) -> None:
+        self._began = self._timings.clock()
+
+    def __exit__(self, *exc: object) -> None:
+        self._timings.add(self._part, self._timings.clock() - self._began)
 
 
 class Forwarder:
@@ -228,7 +243,7 @@ class Forwarder:
         resent = dict.fromkeys(RESENDS, 0)
         while True:
             async with self._sent(target, decision, outgoing, timings) as answer:
-                self._metrics.upstream.labels(str(answer.status)).inc()
+                self._metrics.count_upstream(answer.status)
                 await self._admission.observe(target.key, answer.status, answer.headers, decision)
                 extra = self._admission.answers_for(target.key).answer_headers(
                     decision, timings.spent
@@ -312,50 +327,98 @@ class Forwarder:
             raise UpstreamTimeout("The upstream timed out (401 Command timed out) twice")
         return buffered_response(answer, body, extra)
 
-    @asynccontextmanager
-    async def _sent(
+    def _sent(
         self, target: Target, decision: Decision, outgoing: Outgoing, timings: Timings
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """`_send`, and whatever happens, the admission hears that the send is over (a
-        cold key's probe that got no answer must not hold the others back)."""
-        try:
-            async with self._send(outgoing, timings) as answer:
-                yield answer
-        finally:
-            await self._admission.settle(target.key, decision)
+    ) -> _Exchange:
+        """`async with self._sent(...) as answer:` one send upstream (`_Exchange`)."""
+        return _Exchange(self._session, self._admission, target, decision, outgoing, timings)
 
-    @asynccontextmanager
-    async def _send(
-        self, outgoing: Outgoing, timings: Timings
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One send upstream, the one place transport failures become the proxy's errors.
-        Its upstream time runs to the answer's headers (or to the failure)."""
-        method, url = outgoing.method, outgoing.url
+
+class _Exchange:
+    """One send upstream and its answer, as `async with` (a class rather than generator
+    context managers: it runs on every request). The one place transport failures become
+    the proxy's errors, whether they happen in the send or while the block reads the
+    answer. The upstream time runs to the answer's headers (or to the failure). Whatever
+    happens, the admission hears that the send is over at the end: a cold key's probe
+    that got no answer must not hold the others back."""
+
+    __slots__ = (
+        "_admission",
+        "_answer",
+        "_decision",
+        "_outgoing",
+        "_session",
+        "_target",
+        "_timings",
+    )
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        admission: Admission,
+        target: Target,
+        decision: Decision,
+        outgoing: Outgoing,
+        timings: Timings,
+    ) -> None:
+        self._session = session
+        self._admission = admission
+        self._target = target
+        self._decision = decision
+        self._outgoing = outgoing
+        self._timings = timings
+        self._answer: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        outgoing = self._outgoing
         try:
-            with timings.timed("upstream"):
-                answer = await self._session.request(
-                    method,
-                    url,
+            with self._timings.timed("upstream"):
+                self._answer = await self._session.request(
+                    outgoing.method,
+                    outgoing.url,
                     headers=outgoing.headers,
                     data=outgoing.body.payload(),
                     allow_redirects=False,
                 )
-            async with answer:
-                yield answer
-        except TimeoutError as exc:
+        except BaseException as exc:
+            await self._settle()
+            self._raise_mapped(exc)
+            raise
+        return self._answer
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        assert self._answer is not None
+        try:
+            await self._answer.__aexit__(kind, exc, tb)  # type: ignore[arg-type]
+        except BaseException as raised:
+            await self._settle()
+            self._raise_mapped(raised)
+            raise
+        await self._settle()
+        if exc is not None:
+            self._raise_mapped(exc)
+
+    async def _settle(self) -> None:
+        await self._admission.settle(self._target.key, self._decision)
+
+    def _raise_mapped(self, exc: BaseException) -> None:
+        """Raise the proxy's error for a transport failure; return for anything else."""
+        outgoing = self._outgoing
+        method, path = outgoing.method, outgoing.url.path
+        if isinstance(exc, TimeoutError):
             # The caller's streamed body failed first (too slow): say so, not blame upstream.
             if (caller_error := outgoing.body.caller_error()) is not None:
                 raise caller_error from exc
-            raise UpstreamTimeout(
-                f"The upstream did not answer {method} {url.path} in time"
-            ) from exc
-        except aiohttp.ClientError as exc:
+            raise UpstreamTimeout(f"The upstream did not answer {method} {path} in time") from exc
+        if isinstance(exc, aiohttp.ClientError):
             if outgoing.body.too_large:
                 raise BodyTooLarge(too_large_message(outgoing.body.max_bytes)) from exc
             if (caller_error := outgoing.body.caller_error()) is not None:
                 raise caller_error from exc  # the streamed body was too slow or malformed
             raise UpstreamUnreachable(
-                f"The upstream could not be reached for {method} {url.path}: {type(exc).__name__}"
+                f"The upstream could not be reached for {method} {path}: {type(exc).__name__}"
             ) from exc
 
 

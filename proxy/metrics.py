@@ -11,10 +11,30 @@ the status board at each scrape; `/status` has each resource's figures.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 QUEUE_BUCKETS_S = (0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+Label = TypeVar("Label", str, int)
+
+
+class CountsBy(Generic[Label]):
+    """A labelled counter's children by label value, kept: `labels()` checks its
+    arguments and takes a lock on every call, and the request path counts three times a
+    request. Label values are few (statuses, outcomes), so the dict stays small."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[Label, Counter] = {}
+
+    def inc(self, value: Label) -> None:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._counter.labels(str(value))
+        child.inc()
 
 
 class Metrics:
@@ -99,6 +119,18 @@ class Metrics:
             "(1: a resource has used its day).",
             registry=r,
         )
+        self._answers_by: CountsBy[int] = CountsBy(self.answers)
+        self._upstream_by: CountsBy[int] = CountsBy(self.upstream)
+        self._decisions_by: CountsBy[str] = CountsBy(self.decisions)
+
+    def count_answer(self, status: int) -> None:
+        self._answers_by.inc(status)
+
+    def count_upstream(self, status: int) -> None:
+        self._upstream_by.inc(status)
+
+    def count_decision(self, outcome: str) -> None:
+        self._decisions_by.inc(outcome)
 
     def watch_degraded(self, degraded: Callable[[], bool]) -> None:
         """Read the limiter's state at each scrape."""
