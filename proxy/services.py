@@ -30,8 +30,9 @@ from proxy.forward import Forwarder
 from proxy.limiter.base import Limiter
 from proxy.limiter.fallback import FallbackLimiter
 from proxy.limiter.memory import MemoryLimiter
-from proxy.limiter.redis import RedisLimiter
+from proxy.limiter.redis import RedisLimiter, ScriptClient
 from proxy.metrics import Metrics
+from proxy.pipelined_redis import open_script_client
 from proxy.redis_client import connect_redis
 from proxy.resolve import Resolver
 from proxy.status import StatusBoard
@@ -88,8 +89,11 @@ async def open_services(
         redis = await connect_redis(config.store) if config.store.redis_url else None
         if redis is not None:
             stack.push_async_callback(redis.aclose)
+        scripts = await open_script_client(config.store) if config.store.redis_url else None
+        if scripts is not None:
+            stack.push_async_callback(scripts.aclose)
         metrics = Metrics()
-        limiter = choose_limiter(config, redis)
+        limiter = choose_limiter(config, redis, scripts)
         stack.push_async_callback(limiter.close)
         if isinstance(limiter, FallbackLimiter):
             metrics.watch_degraded(lambda: limiter.degraded)
@@ -157,14 +161,17 @@ async def _running(loop: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterat
             await task
 
 
-def choose_limiter(config: Config, client: RedisClient | None) -> Limiter:
-    """Memory without Redis; with Redis, the shared limiter behind its fallback. Either
-    way the state kept in process is capped at `limits.max_tracked_keys` keys."""
+def choose_limiter(
+    config: Config, client: RedisClient | None, scripts: ScriptClient | None = None
+) -> Limiter:
+    """Memory without Redis; with Redis, the shared limiter behind its fallback (its
+    script run by `scripts`, the pipelined client, when given). Either way the state
+    kept in process is capped at `limits.max_tracked_keys` keys."""
     max_keys = config.limits.max_tracked_keys
     if client is None:
         return MemoryLimiter(max_keys=max_keys)
     share = config.store.expected_replicas if config.store.on_redis_error == "local" else None
-    shared = RedisLimiter(client, max_keys=max_keys)
+    shared = RedisLimiter(client, scripts=scripts, max_keys=max_keys)
     queue = config.queue
     max_queue_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
     return FallbackLimiter(shared, local_share=share, max_keys=max_keys, max_queue_s=max_queue_s)

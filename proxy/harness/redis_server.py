@@ -5,7 +5,8 @@ against the server they run on in production. The faults a fault test needs are 
 too: `kill` (SIGKILL) and `start` again, empty, on the same address, so clients reconnect
 to where they were; `pause` (SIGSTOP), where connections open but nothing answers, and
 `resume` (SIGCONT), after which the server may first run commands that waited in its
-sockets while it was stopped.
+sockets while it was stopped. With a `password` it requires one (`requirepass`), as a
+production server may, and its `url` carries it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 INSTALL_HINT = (
     "redis-server was not found on PATH. The tests need a real Redis 7: install it with "
@@ -50,6 +52,8 @@ class RedisServer:
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     paused: bool = False
+    # Set: the server requires it (`requirepass`), and `url` carries it.
+    password: str = field(default="", repr=False)
 
     @property
     def socket_path(self) -> Path:
@@ -57,9 +61,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        login = f":{quote(self.password, safe='')}@" if self.password else ""
         if self.tcp:
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"unix://{self.socket_path}"
+            return f"redis://{login}127.0.0.1:{self.port}/0"
+        return f"unix://{login}{self.socket_path}"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         """Start the server (again, after `stop`, on the same address) and wait for PONG."""
@@ -76,6 +81,8 @@ class RedisServer:
             "--appendonly": "no",
             "--logfile": str(self.workdir / "redis.log"),
         }
+        if self.password:
+            options["--requirepass"] = self.password
         flags = [part for option in options.items() for part in option]
         args = [redis_server_binary(), *flags, *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -96,16 +103,25 @@ class RedisServer:
 
     def ping(self) -> bool:
         """True when the server answers PING on its unix socket (False while paused)."""
-        return self._command(b"PING").startswith(b"+PONG")
+        if not self.password:
+            return self._command(b"PING").startswith(b"+PONG")
+        return self._command(b"AUTH " + self.password.encode(), b"PING").endswith(b"+PONG\r\n")
 
-    def _command(self, line: bytes) -> bytes:
-        """One inline command's raw answer, or b"" when none came within half a second."""
+    def _command(self, *lines: bytes) -> bytes:
+        """Inline commands' raw answers (one line each), or b"" when they did not all
+        come within half a second."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(0.5)
                 sock.connect(str(self.socket_path))
-                sock.sendall(line + b"\r\n")
-                return sock.recv(64)
+                sock.sendall(b"".join(line + b"\r\n" for line in lines))
+                answer = b""
+                while answer.count(b"\r\n") < len(lines):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer
         except OSError:
             return b""
 

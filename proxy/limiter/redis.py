@@ -32,9 +32,11 @@ from redis.exceptions import RedisError
 
 from proxy.errors import LimiterUnavailable
 from proxy.limiter.base import DEFAULT_MAX_KEYS, Day, Decision, Limits, Probe, UpstreamCounts
+from proxy.pipelined_redis import PipelinedCluster, PipelinedRedis, Script
 from proxy.typing import LimitedBy, ResourceKey
 
 US = 1_000_000
+ScriptClient = PipelinedRedis | PipelinedCluster
 KEY_PREFIX = "hoopai:limit"
 NOT_SEEN = -1
 # A release touches only the slot list, never a day's counter.
@@ -71,15 +73,21 @@ class RedisLimiter:
         self,
         client: Redis | RedisCluster,
         *,
+        scripts: ScriptClient | None = None,
         clock: Callable[[], float] | None = None,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        """`clock` replaces Redis TIME; only tests set it, to replay chosen arrival times.
-        `max_keys` caps the upstream counts kept for keys' next decisions."""
+        """`scripts` runs the script (the pipelined client: one connection per server,
+        the decisions of one loop pass in one write); without it, redis-py's `client`
+        does, as it answers `ping` either way. `clock` replaces Redis TIME; only tests
+        set it, to replay chosen arrival times. `max_keys` caps the upstream counts kept
+        for keys' next decisions."""
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         script = resources.files("proxy.limiter").joinpath("lua", "limiter.lua").read_text()
         self._client = client
+        self._scripts = scripts
+        self._lua = Script(script)
         self._script: AsyncScript = client.register_script(script)
         self._clock = clock
         self._max_keys = max_keys
@@ -259,8 +267,11 @@ class RedisLimiter:
             reserve,
             *(extra or ()),
         ]
+        keys = redis_keys(key, day)
         try:
-            return await self._script(keys=redis_keys(key, day), args=args)
+            if self._scripts is not None:
+                return await self._scripts.run(self._lua, keys, args)
+            return await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise LimiterUnavailable(f"Redis limiter unavailable: {type(exc).__name__}") from exc
 

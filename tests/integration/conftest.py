@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from proxy.harness.redis_server import RedisServer
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.pipelined_redis import PipelinedRedis
 from tests.support.limiters import LimiterFactory
 
 
@@ -23,9 +24,12 @@ async def make_limiter(request: pytest.FixtureRequest, tmp_path) -> AsyncIterato
         return
     server = RedisServer(tmp_path / "redis").start()
     client = aioredis.Redis.from_url(server.url)
+    # The script runs on the pipelined client, as in the proxy.
+    scripts = PipelinedRedis.from_url(server.url)
     try:
-        yield lambda clock: RedisLimiter(client, clock=clock)
+        yield lambda clock: RedisLimiter(client, scripts=scripts, clock=clock)
     finally:
+        await scripts.aclose()
         await client.aclose()
         server.stop()
 

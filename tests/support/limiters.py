@@ -16,6 +16,7 @@ from proxy.harness.redis_server import RedisServer
 from proxy.limiter.base import Day, Limiter, Limits
 from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
+from proxy.pipelined_redis import PipelinedRedis
 from proxy.typing import ResourceKey
 
 START = 1_800_000_000.0
@@ -50,10 +51,13 @@ async def replay_limiter(
     if backend == "memory":
         yield MemoryLimiter(clock)
         return
-    client = aioredis.Redis.from_url(redis_server().url)
+    url = redis_server().url
+    client = aioredis.Redis.from_url(url)
+    scripts = PipelinedRedis.from_url(url)  # the script's path in the proxy
     try:
-        yield RedisLimiter(client, clock=clock)
+        yield RedisLimiter(client, scripts=scripts, clock=clock)
     finally:
+        await scripts.aclose()
         await client.aclose()
 
 
