@@ -33,6 +33,8 @@ PARSER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})))
+# One encoder for every line: json.dumps(..., default=str) builds a new one per call.
+_to_json = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,7 +52,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _to_json(line)
 
 
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -238,7 +240,7 @@ class AccessLogger(AbstractAccessLogger):
             "msg": f"{request.method} {request.path} {response.status}",
             **fields,
         }
-        handler.write_line(json.dumps(line, default=str))
+        handler.write_line(_to_json(line))
 
 
 def _direct_handler(logger: logging.Logger) -> JsonLinesHandler | None:
