@@ -10,10 +10,12 @@ the status board at each scrape; `/status` has each resource's figures.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 QUEUE_BUCKETS_S = (0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
@@ -141,5 +143,32 @@ class Metrics:
         self.near_limit_resources.set_function(lambda: float(near()))
         self.highest_daily_use.set_function(highest)
 
+    def watch_script_calls(self, calls: Callable[[], int], writes: Callable[[], int]) -> None:
+        """Read the limiter's Redis script calls and the writes that carried them at each
+        scrape: writes / calls is the round trips per call (under load, the calls of one
+        event-loop pass share a write)."""
+        self.registry.register(_ScriptCalls(calls, writes))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ScriptCalls(Collector):
+    """The pipelined script client's own counters, as Prometheus counters."""
+
+    def __init__(self, calls: Callable[[], int], writes: Callable[[], int]) -> None:
+        self._calls = calls
+        self._writes = writes
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "hoopai_proxy_redis_script_calls",
+            "Limiter script calls sent to Redis (one per decision, observe or release).",
+            value=self._calls(),
+        )
+        yield CounterMetricFamily(
+            "hoopai_proxy_redis_script_writes",
+            "Writes to Redis that carried them: the round trips (one per event-loop pass "
+            "with calls to send, per Redis node).",
+            value=self._writes(),
+        )

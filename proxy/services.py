@@ -93,6 +93,8 @@ async def open_services(
         if scripts is not None:
             stack.push_async_callback(scripts.aclose)
         metrics = Metrics()
+        if scripts is not None:
+            metrics.watch_script_calls(lambda: scripts.commands, lambda: scripts.flushes)
         limiter = choose_limiter(config, redis, scripts)
         stack.push_async_callback(limiter.close)
         if isinstance(limiter, FallbackLimiter):
