@@ -217,30 +217,37 @@ class AccessLogger(AbstractAccessLogger):
     logger = logging.getLogger("proxy.access")
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        fields: dict[str, Any] = {
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
+        method, path, status = request.method, request.path, response.status
+        at = round(time.time(), 3)
+        handler = _direct_handler(self.logger)
+        if handler is not None:
+            # The line JsonFormatter would write for the record below, built without the
+            # logging machinery, which costs more than the rest of the line together.
+            line: dict[str, Any] = {
+                "ts": at,
+                "level": "info",
+                "logger": self.logger.name,
+                "msg": f"{method} {path} {status}",
+                "method": method,
+                "path": path,
+                "status": status,
+                "ms": round(time_s * 1000, 1),
+                "at": at,
+            }
+            notes = request.get(ACCESS_NOTES)
+            if notes:
+                line.update(notes)
+            handler.write_line(_to_json(line))
+            return
+        fields = {
+            "method": method,
+            "path": path,
+            "status": status,
             "ms": round(time_s * 1000, 1),
-            "at": round(time.time(), 3),
+            "at": at,
             **_notes(request),
         }
-        handler = _direct_handler(self.logger)
-        if handler is None:
-            self.logger.info(
-                "%s %s %s", request.method, request.path, response.status, extra=fields
-            )
-            return
-        # The line JsonFormatter would write for the record above, without building one:
-        # the logging machinery costs more than the rest of the access line together.
-        line = {
-            "ts": fields["at"],
-            "level": "info",
-            "logger": self.logger.name,
-            "msg": f"{request.method} {request.path} {response.status}",
-            **fields,
-        }
-        handler.write_line(_to_json(line))
+        self.logger.info("%s %s %s", method, path, status, extra=fields)
 
 
 def _direct_handler(logger: logging.Logger) -> JsonLinesHandler | None:

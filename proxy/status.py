@@ -1,7 +1,7 @@
 """What this process knows of each resource it served, for `/status` and `/status.json`.
 
 The limiter's shared state lives in Redis; this board is the local view: the last
-decision's remaining counts, requests held right now, the upstream's last `X-RateLimit-*`
+decision's remaining counts, requests held right now, the upstream's last five `X-RateLimit-*`
 headers, the key's effective limits (configured, or learned from those headers: the
 admission sets them), and its daily budget.
 
@@ -29,18 +29,31 @@ have equal ones (a few dozen distinct values are kept).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from proxy.headers import (
+    UPSTREAM_BURST_MAX,
+    UPSTREAM_BURST_REMAINING,
+    UPSTREAM_DAILY_LIMIT,
+    UPSTREAM_DAILY_REMAINING,
+    UPSTREAM_INTERVAL_MS,
+)
 from proxy.limiter.base import Decision, Limits
 from proxy.metrics import Metrics
 from proxy.typing import ResourceKey, ResourceKind
 
 CAPACITY = 10_000
-UPSTREAM_PREFIX = "x-ratelimit-"
+# The upstream's rate-limit headers the board keeps, in the order it shows them.
+UPSTREAM_HEADERS = (
+    UPSTREAM_BURST_MAX,
+    UPSTREAM_BURST_REMAINING,
+    UPSTREAM_INTERVAL_MS,
+    UPSTREAM_DAILY_LIMIT,
+    UPSTREAM_DAILY_REMAINING,
+)
 # The rate's time constant, and the least age its average is taken over.
 RATE_TAU_S = 300.0
 RATE_MIN_AGE_S = 60.0
@@ -177,10 +190,12 @@ class StatusBoard:
     def answered(self, key: ResourceKey, headers: Mapping[str, str]) -> None:
         """Keep the upstream's rate-limit headers (an answer without any, such as a 401
         given before the upstream counted the request, leaves the last ones)."""
+        # The five HighLevel sends, looked up by name: scanning every header of every
+        # answer for the prefix cost more than the rest of the status board together.
         upstream = tuple(
-            (sys.intern(str(name)), value)
-            for name, value in headers.items()
-            if name.lower().startswith(UPSTREAM_PREFIX)
+            (name, value)
+            for name in UPSTREAM_HEADERS
+            if (value := headers.get(name)) is not None
         )
         view, _ = self._view(key)
         if upstream:
