@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from proxy.admin import create_admin_app
 from proxy.app import create_app
@@ -24,8 +24,6 @@ from proxy.logs import configure_logging
 from proxy.server import bind_socket, run_forked_workers, serve_until_signalled
 from proxy.simulator import cli as simulator_cli
 from proxy.tokens import cli as tokens_cli
-
-log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,18 +79,6 @@ def run_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The loop `server.event_loop` names (None: asyncio's default)."""
-    if name == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("server.event_loop is uvloop but uvloop is not installed: using asyncio")
-            return None
-        return uvloop.new_event_loop
-    return None
-
-
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
     refuse_open_relay(config)
@@ -106,17 +92,11 @@ def run_serve(args: argparse.Namespace) -> int:
     def serve_one(banner: str | None = "hoopai-proxy") -> None:
         app = create_app(config)
         admin = (create_admin_app(app), admin_sock)
-        with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
-            runner.run(
-                serve_until_signalled(
-                    app,
-                    sock,
-                    banner=banner,
-                    grace_s=grace_s,
-                    server_config=config.server,
-                    admin=admin,
-                )
+        asyncio.run(
+            serve_until_signalled(
+                app, sock, banner=banner, grace_s=grace_s, server_config=config.server, admin=admin
             )
+        )
 
     if config.server.workers == 1:
         serve_one()

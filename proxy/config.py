@@ -216,9 +216,6 @@ class ServerConfig:
     # Open client connections per process; more are closed at once. Lowered at start to
     # what the process's open-file limit allows.
     max_connections: int = field(default=4096, metadata=_rule(_POSITIVE))
-    # uvloop: libuv's event loop, a faster drop-in for asyncio's own (a dependency on
-    # Linux and macOS); asyncio: the standard library's, where uvloop cannot be used.
-    event_loop: str = field(default="uvloop", metadata=_rule(_one_of("uvloop", "asyncio")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,6 @@ def test_defaults_when_only_apps_given() -> None:
             "body_timeout_s": 60.0,
             "keepalive_timeout_s": 15.0,
             "max_connections": 4096,
-            "event_loop": "uvloop",
         },
         "admin": {"host": "127.0.0.1", "port": 9090, "token": ""},
         "upstream": {
