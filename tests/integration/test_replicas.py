@@ -23,9 +23,9 @@ import pytest
 
 from proxy.harness.load import no_gc_pauses
 from proxy.harness.processes import ServiceProcess
+from proxy.harness.redis_cluster import RedisCluster
 from proxy.harness.redis_server import RedisServer
 from tests.conftest import SIM_CLIENT_ID
-from tests.support.redis_cluster import RedisCluster
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 API_PATH = "/contacts/"

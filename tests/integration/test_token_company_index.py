@@ -18,6 +18,7 @@ from redis.asyncio import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
 from proxy.config import StoreConfig
+from proxy.harness.redis_cluster import RedisCluster
 from proxy.redis_client import open_redis
 from proxy.tokens.redis import (
     APPROVALS_INDEXED_KEY,
@@ -27,7 +28,6 @@ from proxy.tokens.redis import (
 )
 from proxy.tokens.sqlite import COMPANIES_APPROVING, MIGRATIONS, SqliteTokenStore
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
-from tests.support.redis_cluster import RedisCluster
 
 APP = "6650f1a2b3c4d5e6f7a8b9c0"
 OTHER_APP = "77aa00bb11cc22dd33ee44ff"

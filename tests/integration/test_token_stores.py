@@ -24,6 +24,7 @@ from redis.crc import key_slot
 
 from proxy.config import StoreConfig
 from proxy.errors import TokenStoreUnavailable
+from proxy.harness.redis_cluster import RedisCluster
 from proxy.harness.redis_server import RedisServer
 from proxy.limiter.redis import redis_keys
 from proxy.redis_client import open_redis
@@ -31,7 +32,6 @@ from proxy.tokens.redis import RedisTokenStore
 from proxy.tokens.sqlite import MIGRATIONS, SqliteTokenStore
 from proxy.tokens.store import NEEDS_REAUTH, TokenRecord, TokenStore
 from tests.support.limiters import TODAY
-from tests.support.redis_cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "6650f1a2b3c4d5e6f7a8b9c0"
