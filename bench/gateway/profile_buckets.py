@@ -76,6 +76,8 @@ def module_of(frame: str) -> str:
         return path.rsplit("site-packages/", 1)[1]
     if path.startswith(str(ROOT) + "/"):
         return path[len(str(ROOT)) + 1 :]
+    if "/proxy/" in path:  # the proxy run from another checkout (a "before" profile)
+        return path[path.rindex("/proxy/") + 1 :]
     stdlib = re.search(r"/lib/python3\.\d+/(.*)$", path)
     return stdlib.group(1) if stdlib else path
 
