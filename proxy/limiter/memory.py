@@ -156,7 +156,7 @@ class MemoryLimiter:
             return ()
         now = self._clock()
         slots.trim(state, limits, now)
-        return tuple(slot - now for slot in state.slots)
+        return tuple(bound - now for bound in slots.entries(state))
 
     async def release(self, key: ResourceKey, limits: Limits, decision: Decision) -> None:
         state = self._live.get(key)
@@ -224,9 +224,9 @@ class MemoryLimiter:
             _, key = heapq.heappop(ends)
             checked += 1
             state = self._live[key]
-            hold = state.window_s
-            if state.slots and state.slots[-1] + hold > now:
-                heapq.heappush(ends, (state.slots[-1] + hold, key))
+            last = slots.last_bound(state)
+            if last is not None and last + state.window_s > now:
+                heapq.heappush(ends, (last + state.window_s, key))
                 continue
             del self._live[key]
             self._counts.put(key, state.day_id, state.day_count)

@@ -44,15 +44,18 @@ _ANY_DAY = Day(id="release", ends_in_s=0.0)
 
 
 def redis_keys(key: ResourceKey, day: Day) -> list[str]:
-    """The bounds list, today's counter, the after-outage marker, the cold-key probe and
-    the learned limits of `key`, sharing one cluster hash slot."""
+    """The bounds (a ZSET), today's counter, the after-outage marker, the cold-key probe,
+    the learned limits and the groups of revealed traffic (a short string) of `key`,
+    sharing one cluster hash slot (lua/limiter.lua, KEYS[1..6]). The bounds are not at
+    `...:burst`, where older versions kept a LIST, so no replica meets the other's type."""
     base = f"{KEY_PREFIX}:{{{key.tag}}}"
     return [
-        f"{base}:burst",
+        f"{base}:bounds",
         f"{base}:day:{day.id}",
         f"{base}:transition",
         f"{base}:probe",
         f"{base}:limits",
+        f"{base}:groups",
     ]
 
 
