@@ -464,7 +464,9 @@ async def relay_response(
     if _small_body(request, answer):
         try:
             body = await answer.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except TimeoutError:
+            raise  # too slow is a 504: the send's own mapping says so (`_Exchange`)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # Nothing is sent to the caller yet: the truth is a 502.
             raise UpstreamUnreachable(
                 f"The upstream broke off the body of {request.method} {request.path}: "

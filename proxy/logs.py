@@ -83,7 +83,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop = asyncio.get_running_loop()
         except RuntimeError:
             # Not on an event loop (start-up, a worker thread): write it now, alone.
-            self.stream.write(line + "\n")
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line + "\n")
             super().flush()
             return
         self._pending.append(line)
@@ -91,9 +92,13 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        if self._pending:
-            lines, self._pending = self._pending, []
-            self.stream.write("\n".join(lines) + "\n")
+        with self.lock:  # type: ignore[union-attr]  # a worker thread may write meanwhile
+            if self._pending:
+                lines, self._pending = self._pending, []
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                except Exception:  # stderr gone (EPIPE): logging must never break the loop
+                    self.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
         super().flush()
 
 

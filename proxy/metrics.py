@@ -163,7 +163,8 @@ class _ScriptCalls(Collector):
     def collect(self) -> Iterable[Metric]:
         yield CounterMetricFamily(
             "hoopai_proxy_redis_script_calls",
-            "Limiter script calls sent to Redis (one per decision, observe or release).",
+            "Commands the limiter's pipelined client sent to Redis: its script calls (one "
+            "per decision, observe or release), plus the few a connect or redirect needs.",
             value=self._calls(),
         )
         yield CounterMetricFamily(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -184,6 +185,9 @@ def _fork(serve_one: Callable[[], None]) -> int:
         except Exception:
             traceback.print_exc()
         finally:
+            # os._exit skips logging's own flush at exit: the last lines would be lost.
+            for handler in logging.getLogger().handlers:
+                handler.flush()
             # A worker must never return into the parent's code, whatever happened.
             os._exit(status)
     return pid

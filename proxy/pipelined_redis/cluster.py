@@ -4,8 +4,10 @@ The slot map comes from CLUSTER SLOTS, asked of the URL's node at connect. A cal
 the master of its first key's hash slot (the limiter's keys of one call share a hash tag,
 so one slot). The only resends are those the cluster asks for without running anything:
 MOVED (the map is learnt again, the command goes to the node named), ASK (ASKING and the
-command, in one write, to the node named) and NOSCRIPT. CLUSTERDOWN and TRYAGAIN are
-raised as redis-py's `ClusterDownError` and `TryAgainError` (both `ResponseError`s). A node
+command, in one write, to the node named), NOSCRIPT, and TRYAGAIN (keys of a call half
+moved by a migration: asked again after a short pause, up to MAX_REDIRECTS times).
+CLUSTERDOWN, and TRYAGAIN past those tries, are raised as redis-py's `ClusterDownError`
+and `TryAgainError` (both `ResponseError`s). A node
 that fails a call fails it like one server does, and the map is learnt again in the
 background, since a failover may have moved its slots.
 """
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # More redirections than this for one call means the map is churning: give up on it.
 MAX_REDIRECTS = 5
+# A TRYAGAIN is asked again this long after (within MAX_REDIRECTS tries in all).
+TRYAGAIN_PAUSE_S = 0.01
 # After a node failed, learn the map again at most this often.
 REFRESH_INTERVAL_S = 1.0
 
@@ -94,7 +98,8 @@ class PipelinedCluster:
             raise ClusterError(f"no known node serves hash slot {slot}")
         command = script.evalsha(keys, args)
         asking = False
-        for _ in range(MAX_REDIRECTS + 1):
+        redirects = tried_again = 0
+        while True:
             try:
                 reply = await node.send(command, asking=asking)
             except (ConnectionError, TimeoutError):
@@ -115,8 +120,19 @@ class PipelinedCluster:
                 self.asked += 1
                 node = self._node(_target(rest, node.address))
                 asking = True
+            elif code == "TRYAGAIN":
+                # Not run: mid-migration, some of the call's keys have moved and some not
+                # (the limiter's optional keys make that usual); the migration moves on.
+                tried_again += 1
+                if tried_again > MAX_REDIRECTS:
+                    raise error_for(reply)
+                await asyncio.sleep(TRYAGAIN_PAUSE_S)
+                continue
             else:
                 raise error_for(reply)
+            redirects += 1
+            if redirects > MAX_REDIRECTS:
+                break
         raise ClusterError(f"more than {MAX_REDIRECTS} redirections for hash slot {slot}")
 
     async def refresh(self) -> None:

@@ -252,8 +252,11 @@ async def test_streamed_body_over_the_limit_is_413(simulator, start_proxy, http)
         assert (await response.json())["error"] == "body_too_large"
 
 
-async def _breaking_upstream(announced: int, sent: int) -> tuple[asyncio.Server, str]:
-    """An upstream that announces `announced` body bytes, sends `sent`, then hangs up."""
+async def _breaking_upstream(
+    announced: int, sent: int, *, stall: asyncio.Event | None = None
+) -> tuple[asyncio.Server, str]:
+    """An upstream that announces `announced` body bytes, sends `sent`, then hangs up (or,
+    given `stall`, waits for it to be set first)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -263,6 +266,8 @@ async def _breaking_upstream(announced: int, sent: int) -> tuple[asyncio.Server,
             + b"x" * sent
         )
         await writer.drain()
+        if stall is not None:
+            await stall.wait()
         writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -293,3 +298,18 @@ async def test_a_large_body_the_upstream_breaks_off_is_cut_for_the_caller(
             assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
+
+
+async def test_a_small_body_the_upstream_stops_sending_is_a_504(start_proxy, http) -> None:
+    """A small answer whose body stops coming for longer than upstream.timeout_s is the
+    upstream timing out: a JSON 504, as for a send that gets no answer."""
+    stall = asyncio.Event()
+    server, url = await _breaking_upstream(announced=1000, sent=10, stall=stall)
+    async with server:
+        proxy = await start_proxy(url, upstream={"base_url": url, "timeout_s": 0.3})
+        try:
+            async with http.get(f"{proxy.url}/contacts/") as response:
+                assert response.status == 504
+                assert (await response.json())["error"] == "upstream_timeout"
+        finally:
+            stall.set()

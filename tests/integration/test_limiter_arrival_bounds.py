@@ -265,3 +265,20 @@ async def test_limits_one_replica_learned_decide_for_every_replica(redis_limiter
     assert decisions[0].limits == learned
     await a.learn(KEY, SMALL, forget=True)
     assert (await b.acquire(KEY, SMALL, TODAY, 30)).limits == SMALL
+
+
+async def test_forgetting_a_shorter_learned_window_keeps_the_slots_for_the_configured_one(
+    redis_limiter,
+) -> None:
+    """Slots taken under a learned 2 per 0.5 s, when the key goes back to the configured
+    2 per 60 s, live as long as that window needs them."""
+    a, _, client = redis_limiter
+    configured = replace(SMALL, burst=2, window_s=60.0)
+    fast = replace(configured, window_s=0.5)
+    await a.learn(KEY, fast)
+    for _ in range(2):
+        await a.acquire(KEY, fast, TODAY, 0)
+    burst_key = redis_keys(KEY, TODAY)[0]
+    assert await client.pttl(burst_key) < 10_000
+    await a.learn(KEY, configured, forget=True)
+    assert await client.pttl(burst_key) > 59_000

@@ -348,7 +348,8 @@ async def test_cluster_follows_ask_then_moved_while_a_slot_moves(
 ) -> None:
     """A slot migrated after the client learnt the map. While it migrates, a key not on
     the old master is answered ASK and the call runs on the new one (ASKING, and the
-    script loaded there); keys half moved are TRYAGAIN, raised as a ResponseError. Once
+    script loaded there); keys half moved are TRYAGAIN, asked again a few times and then
+    raised as a ResponseError (this migration is held still). Once
     moved, the stale map meets MOVED: the call runs on the new master, the client learns
     the map again and sends the slot's next calls straight there."""
     client = await PipelinedCluster.connect(redis_cluster.url)

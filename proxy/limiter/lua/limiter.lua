@@ -1,7 +1,8 @@
 -- The limiter for one key, atomically: the same steps, on the same representation, as
 -- proxy/limiter/slots.py, whose docstring explains the algorithm, the groups and why
 -- merging them is safe. Every step costs O(G log N) at most, whatever N: no call reads or
--- rewrites a structure of N entries (the old list did, up to 100 ms a call at N = 10,000).
+-- rewrites a structure of N entries (the list before did: at N = 10,000, 5 ms a queued
+-- decision and 2 s an upstream 429's fill; `python -m bench.lua_cost`).
 -- KEYS[1]: the key's singles: the arrival bounds (send time + pad, integer microseconds)
 --          of its own requests still inside their hold (bound + W), a ZSET scored by the
 --          bound. A member is the bound's digits, or "digits:now.k" when another single
@@ -16,9 +17,9 @@
 -- KEYS[6]: the key's groups (entries nobody names: traffic the upstream's counts reveal,
 --          an upstream 429's fill), at most GROUPS, read with the key's other small values:
 --          a STRING, cmsgpack of the flat list bound, count, since, ... ascending by bound
---          (count entries at bound; since: the earliest bound merged into it; msgpack, as
---          it unpacks in C: parsing digits in Lua cost more than the rest of a decision);
---          it lives until the last group's hold is over
+--          (count entries at bound; since: the earliest bound merged into it; msgpack
+--          unpacks in C, where parsing 24 numbers from text in Lua cost about 18 us a
+--          call); it lives until the last group's hold is over
 -- ARGV[1]  op: "acquire" (decide), "observe" (only apply the upstream's counts), "pause"
 --          (an upstream 429: take the whole window from now), "release" (give back the
 --          bound in ARGV[7], reserved for a request that will never be sent), "anchor"
@@ -108,9 +109,9 @@ if stored_limits then
   end
 end
 
--- The groups, ascending by bound, in three arrays (a table per group cost more than the
--- rest of a decision's Lua): gb[i] entries of count gc[i] at bound gb[i], merged from as
--- early as gs[i]. Written back once, at the end of a call that changed them (save_groups).
+-- The groups, ascending by bound, in three arrays (not a table per group: every table is
+-- an allocation a call): gc[i] entries at bound gb[i], merged from as early as gs[i].
+-- Written back once, at the end of a call that changed them (save_groups).
 local gb, gc, gs = {}, {}, {}
 local groups_changed = false
 if stored[5] then
@@ -166,11 +167,18 @@ local function trim(at)
 end
 
 if op == "learn" then
-  if ARGV[7] == "0" then return redis.call("DEL", KEYS[5]) end
-  redis.call("SET", KEYS[5], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
-  -- The entries already kept must live as long as the new window needs them.
+  if ARGV[7] == "0" then
+    -- Back to the configured window (ARGV[3]), which may be longer than the learned one
+    -- the entries' TTLs were set for: they must live through it.
+    redis.call("DEL", KEYS[5])
+  else
+    redis.call("SET", KEYS[5], string.format("%d:%d:%d", burst, window, daily), "PX", LEARNED_TTL_MS)
+  end
+  -- The entries already kept must live as long as the new window needs them (and the
+  -- groups written again with that TTL, those whose hold is over under it dropped).
   keep_singles(nth_single(1))
   groups_changed = #gb > 0
+  trim_groups(now)
   save_groups()
   return 1
 end
@@ -269,12 +277,15 @@ end
 -- Keep one single at `bound`: under its digits, or, when another single has that bound,
 -- under "digits:now.k" (unique unless `now` repeats, as a test's clock does: then the
 -- next k).
+local names_tried = 0
 local function add_single(bound)
   local score = digits(bound)
-  local member, k = score, 0
+  local member = score
   while redis.call("ZADD", KEYS[1], "NX", score, member) == 0 do
-    k = k + 1
-    member = score .. ":" .. digits(now) .. "." .. k
+    -- One counter for the whole call: a resume adding c equal bounds tries c names, not
+    -- c * c / 2.
+    names_tried = names_tried + 1
+    member = score .. ":" .. digits(now) .. "." .. names_tried
   end
   if view then
     view.count = view.count + 1
