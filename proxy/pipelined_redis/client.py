@@ -15,12 +15,12 @@ from typing import Any
 from redis.exceptions import ConnectionError
 
 from proxy.pipelined_redis.address import Address, parse_url
-from proxy.pipelined_redis.connection import Connection, Counters, open_connection
+from proxy.pipelined_redis.connection import Connection, Counted, Counters, open_connection
 from proxy.pipelined_redis.replies import ASKING, Arg, Script, is_error, raise_for
 from proxy.redis_client import SOCKET_TIMEOUT_S
 
 
-class PipelinedRedis:
+class PipelinedRedis(Counted):
     """Runs scripts on one server. `connect` opens the connection now; `from_url` at the
     first call (a server down at start is then an error of that call, not of startup)."""
 
@@ -57,19 +57,6 @@ class PipelinedRedis:
             await client.aclose()
             raise
         return client
-
-    @property
-    def commands(self) -> int:
-        return self._counters.commands
-
-    @property
-    def flushes(self) -> int:
-        """Writes to the socket: with many commands per write, fewer than `commands`."""
-        return self._counters.flushes
-
-    @property
-    def connects(self) -> int:
-        return self._counters.connects
 
     @property
     def pending(self) -> int:

@@ -25,7 +25,7 @@ from redis.exceptions import ClusterError, ConnectionError, RedisError, TimeoutE
 
 from proxy.pipelined_redis.address import Address, parse_url
 from proxy.pipelined_redis.client import PipelinedRedis
-from proxy.pipelined_redis.connection import Counters
+from proxy.pipelined_redis.connection import Counted, Counters
 from proxy.pipelined_redis.replies import CLUSTER_SLOTS, Arg, Script, error_for, raise_for
 from proxy.redis_client import SOCKET_TIMEOUT_S
 
@@ -39,7 +39,7 @@ TRYAGAIN_PAUSE_S = 0.01
 REFRESH_INTERVAL_S = 1.0
 
 
-class PipelinedCluster:
+class PipelinedCluster(Counted):
     """Runs scripts on a Redis Cluster; `connect` learns the slot map first."""
 
     def __init__(self, start: Address, *, timeout_s: float = SOCKET_TIMEOUT_S) -> None:
@@ -67,18 +67,6 @@ class PipelinedCluster:
             await cluster.aclose()
             raise
         return cluster
-
-    @property
-    def commands(self) -> int:
-        return self._counters.commands
-
-    @property
-    def flushes(self) -> int:
-        return self._counters.flushes
-
-    @property
-    def connects(self) -> int:
-        return self._counters.connects
 
     @property
     def pending(self) -> int:

@@ -40,6 +40,26 @@ class Counters:
     connects: int = 0
 
 
+class Counted:
+    """What a client did (its `Counters`), read as properties by benchmarks, tests and the
+    proxy's metrics."""
+
+    _counters: Counters
+
+    @property
+    def commands(self) -> int:
+        return self._counters.commands
+
+    @property
+    def flushes(self) -> int:
+        """Writes to the socket: with many commands per write, fewer than `commands`."""
+        return self._counters.flushes
+
+    @property
+    def connects(self) -> int:
+        return self._counters.connects
+
+
 class Connection(asyncio.Protocol):
     """The protocol of one connection; `send` queues a command and returns its future."""
 
