@@ -84,6 +84,16 @@ def _seconds(value: object) -> float:
     return float(value)
 
 
+def _seconds_or_zero(value: object) -> float:
+    """Seconds where 0 means "never"."""
+    if value in (0, "0"):
+        return 0.0
+    try:
+        return _seconds(value)
+    except _Invalid:
+        raise _Invalid("must be 0 (never) or a positive number of seconds") from None
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise _Invalid("must be a string")
@@ -158,6 +168,13 @@ def _base_url(value: object) -> str:
     if _http_parts(url) is None or "?" in url or "#" in url:
         raise _Invalid("must be an http:// or https:// URL with a host and no query")
     return url.rstrip("/")
+
+
+def _optional_url(value: object) -> str:
+    url = _text(value)
+    if url and _http_parts(url) is None:
+        raise _Invalid("must be empty or an http:// or https:// URL with a host")
+    return url
 
 
 def _timezone(value: object) -> str:
@@ -342,6 +359,10 @@ class TokensConfig:
     # Installs that did not start at /_proxy/oauth/start (the marketplace's own install
     # button) arrive with no state to check; accepting them allows install CSRF.
     accept_unsolicited_installs: bool = field(default=False, metadata=_rule(_boolean))
+    # How often a Company install's approved locations are listed again
+    # (/oauth/installedLocations) to mint tokens for new ones; 0: only at install and on
+    # INSTALL webhooks.
+    reconcile_interval_s: float = field(default=3600.0, metadata=_rule(_seconds_or_zero))
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +371,30 @@ class WebhooksConfig:
     ed25519_public_key: str = field(default="", metadata=_rule(_text))
     rsa_public_key: str = field(default="", metadata=_rule(_text))
     max_age_s: float = field(default=300.0, metadata=_rule(_seconds))
+    # A valid delivery the proxy cannot act on for a passing reason (store, Redis or the
+    # token endpoint down) is answered 429 with this Retry-After: HighLevel retries a
+    # delivery only after a 429.
+    retry_after_s: int = field(default=60, metadata=_rule(_POSITIVE))
+    # Verified deliveries are passed on to these URLs, signed with forward_secret.
+    forward_to: tuple[str, ...] = field(default=(), metadata={"item": _redirect_uri})
+    forward_secret: str = field(default="", repr=False, metadata=_rule(_text))
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    # Where a signed JSON POST goes when a resource needs reauthorization (empty: none).
+    webhook_url: str = field(default="", metadata=_rule(_optional_url))
+    # The HMAC-SHA256 key of the X-HoopAI-Signature header.
+    secret: str = field(default="", repr=False, metadata=_rule(_text))
+    timeout_s: float = field(default=10.0, metadata=_rule(_seconds))
+    attempts: int = field(default=5, metadata=_rule(_integer(1, 20, "must be 1 to 20")))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = field(
+        default="INFO", metadata=_rule(_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -365,6 +410,8 @@ class Config:
     default_resource: str = field(default="", metadata=_rule(_RESOURCE))
     tokens: TokensConfig = field(default_factory=TokensConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def app_named(self, name: str | None) -> AppConfig | None:
         """The app called `name`; with no name, the only app if just one is configured.
@@ -444,6 +491,7 @@ def parse_config(document: object, environ: Mapping[str, str]) -> Config:
     _check_limits_agree(config.limits)
     _check_workers_share_limits(config)
     _check_webhook_keys(config.webhooks)
+    _check_secrets_for_signing(config)
     Sealer.from_config(config.store.encryption_key)  # a malformed key names itself, not its value
     return config
 
@@ -602,6 +650,21 @@ def _check_webhook_keys(webhooks: WebhooksConfig) -> None:
         WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
     except WebhookKeyError as exc:
         raise ConfigError(f"webhooks.{exc.which}_public_key", exc.reason) from exc
+
+
+def _check_secrets_for_signing(config: Config) -> None:
+    if config.webhooks.forward_to and not config.webhooks.forward_secret:
+        raise ConfigError(
+            "webhooks.forward_secret",
+            "is required when webhooks.forward_to is set: subscribers check the signature "
+            "made with it",
+        )
+    if config.alerts.webhook_url and not config.alerts.secret:
+        raise ConfigError(
+            "alerts.secret",
+            "is required when alerts.webhook_url is set: the receiver checks the signature "
+            "made with it",
+        )
 
 
 def _check_workers_share_limits(config: Config) -> None:

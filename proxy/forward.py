@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Histogram
 from yarl import URL
 
 from proxy.admission import Admission, Asker
@@ -331,7 +332,15 @@ class Forwarder:
         self, target: Target, decision: Decision, outgoing: Outgoing, timings: Timings
     ) -> _Exchange:
         """`async with self._sent(...) as answer:` one send upstream (`_Exchange`)."""
-        return _Exchange(self._session, self._admission, target, decision, outgoing, timings)
+        return _Exchange(
+            self._session,
+            self._admission,
+            target,
+            decision,
+            outgoing,
+            timings,
+            self._metrics.upstream_seconds,
+        )
 
 
 class _Exchange:
@@ -350,6 +359,7 @@ class _Exchange:
         "_session",
         "_target",
         "_timings",
+        "_upstream_seconds",
     )
 
     def __init__(
@@ -360,8 +370,10 @@ class _Exchange:
         decision: Decision,
         outgoing: Outgoing,
         timings: Timings,
+        upstream_seconds: Histogram,
     ) -> None:
         self._session = session
+        self._upstream_seconds = upstream_seconds
         self._admission = admission
         self._target = target
         self._decision = decision
@@ -371,20 +383,27 @@ class _Exchange:
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         outgoing = self._outgoing
+        timings = self._timings
+        began = timings.clock()
         try:
-            with self._timings.timed("upstream"):
-                self._answer = await self._session.request(
-                    outgoing.method,
-                    outgoing.url,
-                    headers=outgoing.headers,
-                    data=outgoing.body.payload(),
-                    allow_redirects=False,
-                )
+            self._answer = await self._session.request(
+                outgoing.method,
+                outgoing.url,
+                headers=outgoing.headers,
+                data=outgoing.body.payload(),
+                allow_redirects=False,
+            )
         except BaseException as exc:
+            self._took(timings.clock() - began)
             await self._settle()
             self._raise_mapped(exc)
             raise
+        self._took(timings.clock() - began)
         return self._answer
+
+    def _took(self, seconds: float) -> None:
+        self._timings.add("upstream", seconds)
+        self._upstream_seconds.observe(seconds)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object

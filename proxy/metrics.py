@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 QUEUE_BUCKETS_S = (0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+# HighLevel answers most calls in 50-500 ms; its own timeout shows as a 401 after ~30 s.
+UPSTREAM_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 Label = TypeVar("Label", str, int)
@@ -67,6 +69,19 @@ class Metrics:
         self.slots_given_back = Counter(
             "hoopai_proxy_slots_given_back",
             "Slots of queued requests whose callers left before the send, passed on.",
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "hoopai_proxy_upstream_seconds",
+            "Time from each send upstream to the answer's headers (or the send's failure).",
+            buckets=UPSTREAM_BUCKETS_S,
+            registry=r,
+        )
+        self.needs_reauth = Gauge(
+            "hoopai_proxy_needs_reauth",
+            "Resources of each app whose refresh token is dead: someone must install the app "
+            "again for them (HighLevel has no reconnect API).",
+            ["app"],
             registry=r,
         )
         self.upstream = Counter(

@@ -122,8 +122,18 @@ def test_defaults_when_only_apps_given() -> None:
             "max_concurrent_refreshes": 4,
             "authorize_url": "https://marketplace.gohighlevel.com/oauth/chooselocation",
             "accept_unsolicited_installs": False,
+            "reconcile_interval_s": 3600.0,
         },
-        "webhooks": {"ed25519_public_key": "", "rsa_public_key": "", "max_age_s": 300.0},
+        "webhooks": {
+            "ed25519_public_key": "",
+            "rsa_public_key": "",
+            "max_age_s": 300.0,
+            "retry_after_s": 60,
+            "forward_to": (),
+            "forward_secret": "",
+        },
+        "alerts": {"webhook_url": "", "secret": "", "timeout_s": 10.0, "attempts": 5},
+        "log": {"level": "INFO"},
     }
 
 
