@@ -136,6 +136,12 @@ class Metrics:
             "(1: a resource has used its day).",
             registry=r,
         )
+        self.least_daily_remaining = Gauge(
+            "hoopai_proxy_daily_remaining_min",
+            "The fewest requests any resource on the status board has left today (one with "
+            "no decision this limit day counts its whole daily limit; so does an empty board).",
+            registry=r,
+        )
         self._answers_by: CountsBy[int] = CountsBy(self.answers)
         self._upstream_by: CountsBy[int] = CountsBy(self.upstream)
         self._decisions_by: CountsBy[str] = CountsBy(self.decisions)
@@ -157,6 +163,10 @@ class Metrics:
         """Read the status board's daily figures at each scrape."""
         self.near_limit_resources.set_function(lambda: float(near()))
         self.highest_daily_use.set_function(highest)
+
+    def watch_daily_remaining(self, least: Callable[[], int]) -> None:
+        """Read the status board's least daily remaining at each scrape."""
+        self.least_daily_remaining.set_function(lambda: float(least()))
 
     def watch_script_calls(self, calls: Callable[[], int], writes: Callable[[], int]) -> None:
         """Read the limiter's Redis script calls and the writes that carried them at each
