@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -19,22 +20,35 @@ from proxy.errors import BadRequest, NotFound, TokenStoreUnavailable
 from proxy.http_errors import answer_errors_as_json
 from proxy.services import SERVICES, RedisClient, open_services
 
+if TYPE_CHECKING:
+    from proxy.tracing import RequestTracing  # loaded only when tracing is on
+
 
 def create_app(
-    config: Config, *, clock: Callable[[], float] = time.time, keepalive: bool = True
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    keepalive: bool = True,
+    tracing: RequestTracing | None = None,
 ) -> web.Application:
     """Build the proxy application for `config`.
 
     `clock` (wall time) drives token expiry and the limit day; tests move it. With
-    `keepalive` False no background refresh task runs (tests drive it by hand).
+    `keepalive` False no background refresh task runs (tests drive it by hand). With
+    `tracing` (`proxy.tracing`), each proxied request is traced; the app shuts the
+    tracing down (flushing its spans) when it stops.
     """
     errors_as_json = answer_errors_as_json(before=refuse_non_origin_form, answered=count_answer)
     app = web.Application(middlewares=[errors_as_json])
 
     async def services(app: web.Application) -> AsyncIterator[None]:
-        async with open_services(config, clock=clock, keepalive=keepalive) as opened:
+        async with open_services(
+            config, clock=clock, keepalive=keepalive, tracing=tracing
+        ) as opened:
             app[SERVICES] = opened
             yield
+        if tracing is not None:
+            await tracing.aclose()
 
     app.cleanup_ctx.append(services)
     app.router.add_get("/_proxy/healthz", healthz)

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -45,10 +46,12 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.headers import caller_response_headers, upstream_request_headers
+from proxy.http_errors import status_and_code
 from proxy.limit_answers import SERVER_TIMING, TimedPart, server_timing
 from proxy.limiter.base import Decision
 from proxy.logs import note_for_access_log
 from proxy.metrics import Metrics
+from proxy.request_ids import REQUEST_ID, REQUEST_ID_HEADER
 from proxy.resends import (
     RESENDS,
     SafeRoutes,
@@ -59,6 +62,10 @@ from proxy.resends import (
 from proxy.resolve import RequestFacts, Resolver, Target
 from proxy.tokens.manager import TokenManager
 from proxy.typing import ResendReason
+
+if TYPE_CHECKING:
+    # Imported only to type: proxy.tracing is loaded when tracing is on (proxy.cli).
+    from proxy.tracing import ChildSpan, RequestTrace, RequestTracing
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,8 @@ class Timings:
 
     clock: Callable[[], float] = time.monotonic
     spent: dict[TimedPart, float] = field(default_factory=dict)
+    # The request's spans when tracing is on: each timed part is a child span too.
+    trace: RequestTrace | None = None
 
     def timed(self, part: TimedPart) -> _Timed:
         """`with timings.timed(part):` adds the time the block takes to `part`, also when
@@ -103,18 +112,26 @@ class Timings:
 class _Timed:
     """The block `Timings.timed` times (a class, not a generator: it runs on every send)."""
 
-    __slots__ = ("_began", "_part", "_timings")
+    __slots__ = ("_began", "_part", "_span", "_timings")
 
     def __init__(self, timings: Timings, part: TimedPart) -> None:
         self._timings = timings
         self._part = part
         self._began = 0.0
+        self._span: ChildSpan | None = None
 
     def __enter__(self) -> None:
+        trace = self._timings.trace
+        if trace is not None:
+            self._span = trace.part(self._part)
         self._began = self._timings.clock()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         self._timings.add(self._part, self._timings.clock() - self._began)
+        if self._span is not None:
+            self._span.end(exc)
 
 
 class Forwarder:
@@ -128,6 +145,7 @@ class Forwarder:
         admission: Admission,
         tokens: TokenManager,
         metrics: Metrics,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self._session = session
         self._config = config
@@ -136,18 +154,32 @@ class Forwarder:
         self._tokens = tokens
         self._metrics = metrics
         self._safe_routes = SafeRoutes(config.upstream.safe_resend_routes)
+        self._tracing = tracing
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        timings = Timings()
+        if self._tracing is None:
+            timings = Timings()
+        else:
+            timings = Timings(trace=self._tracing.begin(request, request.get(REQUEST_ID, "")))
         try:
-            return await self._forward(request, started, timings)
+            response = await self._forward(request, started, timings)
         except ProxyError as error:
             # The proxy's own answer (a 429, a 502...) says where the time went too.
             if timings.spent:
                 error.headers[SERVER_TIMING] = server_timing(timings.spent)
                 note_for_access_log(request, **timings.access_notes())
+            if timings.trace is not None:
+                status, code = status_and_code(error)
+                timings.trace.finish(status, code=code)
             raise
+        except BaseException as error:
+            if timings.trace is not None:
+                timings.trace.finish(None, error=error)
+            raise
+        if timings.trace is not None:
+            timings.trace.finish(response.status)
+        return response
 
     async def _forward(
         self, request: web.Request, started: float, timings: Timings
@@ -167,6 +199,8 @@ class Forwarder:
             caller=target.caller,
             managed=target.passthrough_token is None,
         )
+        if timings.trace is not None:
+            timings.trace.note_target(target)
         max_wait_s = self._admission.max_wait_for(request.headers)
         outgoing = Outgoing(
             request.method, self.upstream_url(request), self._headers_for(request, target), body
@@ -200,7 +234,9 @@ class Forwarder:
 
     def _headers_for(self, request: web.Request, target: Target) -> CIMultiDict[str]:
         headers = upstream_request_headers(
-            request.headers, default_version=self._config.upstream.default_version
+            request.headers,
+            default_version=self._config.upstream.default_version,
+            request_id=request.get(REQUEST_ID),
         )
         if target.passthrough_token is None:
             # A caller key or an SDK's placeholder bearer must never reach the upstream.
@@ -384,6 +420,9 @@ class _Exchange:
     async def __aenter__(self) -> aiohttp.ClientResponse:
         outgoing = self._outgoing
         timings = self._timings
+        span = None
+        if timings.trace is not None:
+            span = timings.trace.send(outgoing.method, outgoing.url, outgoing.headers)
         began = timings.clock()
         try:
             self._answer = await self._session.request(
@@ -395,10 +434,14 @@ class _Exchange:
             )
         except BaseException as exc:
             self._took(timings.clock() - began)
+            if span is not None:
+                span.end(exc)
             await self._settle()
             self._raise_mapped(exc)
             raise
         self._took(timings.clock() - began)
+        if span is not None:
+            span.answered(self._answer.status)
         return self._answer
 
     def _took(self, seconds: float) -> None:
@@ -495,6 +538,10 @@ async def relay_response(
     response = web.StreamResponse(status=answer.status, reason=answer.reason)
     response.headers.extend(caller_response_headers(answer.headers))
     add_proxy_headers(response.headers, extra)
+    # Sent before the edge sees the answer: its request id goes on here.
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
     await response.prepare(request)
     try:
         async for chunk in answer.content.iter_chunked(CHUNK_BYTES):

@@ -16,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import BadRequest
 from proxy.limiter.base import Decision, Limits
+from proxy.request_ids import REQUEST_ID_HEADER
 
 # RFC 9110 7.6.1 lists Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding and
 # Upgrade. Proxy-Authorization and Proxy-Authenticate are meant for this proxy, not the
@@ -54,14 +55,21 @@ def _copy_except(headers: Headers, drop: Iterable[str]) -> CIMultiDict[str]:
     )
 
 
-def upstream_request_headers(incoming: Headers, *, default_version: str) -> CIMultiDict[str]:
+def upstream_request_headers(
+    incoming: Headers, *, default_version: str, request_id: str | None = None
+) -> CIMultiDict[str]:
     """The headers to send upstream for a caller's request.
 
     `Host` is dropped so the client sets the upstream's; `Version` is added only when the
     caller sent none, because the caller knows which API version its module expects.
+    `X-Request-Id` is the request's id (`proxy.request_ids`), in place of any the caller
+    sent: an id the proxy refused must not travel on.
     """
     drop = HOP_BY_HOP | connection_named(incoming) | {"host"}
     outgoing = _copy_except(incoming, drop)
+    if request_id is not None:
+        # Before the check below: a refused id of undecodable bytes is replaced, not fatal.
+        outgoing[REQUEST_ID_HEADER] = request_id
     _refuse_undecodable(outgoing)
     for name in [name for name in outgoing if name.lower().startswith(PROXY_HEADER_PREFIX)]:
         outgoing.popall(name)

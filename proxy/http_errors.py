@@ -1,5 +1,5 @@
 """The edge: the proxy's errors as HTTP answers, in one table, and the middleware that
-gives them.
+gives them (and gives each request its id, `proxy.request_ids`, on every answer).
 
 Every error a caller sees has the upstream's error shape,
 ``{"statusCode": N, "message": "...", "error": "<code>"}``, so client code that already
@@ -20,6 +20,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy import errors
+from proxy.logs import ACCESS_NOTES
+from proxy.request_ids import CURRENT, REQUEST_ID, REQUEST_ID_HEADER, choose_request_id
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ ANSWERS: dict[type[errors.ProxyError], tuple[int, str]] = {
     errors.TokenStoreUnavailable: (503, "token_store_unavailable"),
     errors.TokenUnavailable: (503, "token_unavailable"),
     errors.TooManyKeys: (503, "too_many_keys"),
+    errors.WebhookDeferred: (429, "webhook_deferred"),
     errors.UpstreamTimeout: (504, "upstream_timeout"),
     errors.Unavailable: (503, "unavailable"),
 }
@@ -99,24 +102,40 @@ def answer_errors_as_json(
     before: Callable[[web.Request], None] | None = None,
     answered: Callable[[web.Request, int], None] | None = None,
 ) -> Middleware:
-    """A middleware that answers the proxy's errors (and unexpected ones) as JSON.
+    """A middleware that gives every request its id and answers the proxy's errors (and
+    unexpected ones) as JSON.
 
-    `before` runs first and may raise a ProxyError (a check every request passes);
-    `answered` sees the status of every answer (the main app counts them).
+    The id (`proxy.request_ids`) is set for the request's context, noted for its access
+    line, and put on every answer not already sent (a streamed answer carries it from the
+    forwarder), errors included. `before` runs first and may raise a ProxyError (a check
+    every request passes); `answered` sees the status of every answer (the main app counts
+    them). One middleware, not three: it runs on every request.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = choose_request_id(request.headers)
+        request[REQUEST_ID] = request_id
+        notes: dict[str, object] = {"request_id": request_id}
+        request[ACCESS_NOTES] = notes
+        token = CURRENT.set(request_id)
         try:
-            if before is not None:
-                before(request)
-            response = await handler(request)
-        except errors.ProxyError as error:
-            response = error_response(error)
-        except web.HTTPException:
-            raise  # aiohttp's own answers (the install flow's redirect)
-        except Exception as error:
-            response = error_response(unexpected(request, error))
+            try:
+                if before is not None:
+                    before(request)
+                response = await handler(request)
+            except errors.ProxyError as error:
+                response = error_response(error)
+            except web.HTTPException as answer:
+                # aiohttp's own answers (the install flow's redirect) are raised, not returned.
+                answer.headers[REQUEST_ID_HEADER] = request_id
+                raise
+            except Exception as error:
+                response = error_response(unexpected(request, error))
+        finally:
+            CURRENT.reset(token)
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
         if answered is not None:
             answered(request, response.status)
         return response

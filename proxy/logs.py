@@ -2,9 +2,11 @@
 that keep other libraries' lines short and free of secrets.
 
 Query strings are never logged (callers put ids and sometimes secrets there), nor any
-header value: the access line carries method, path, status and durations, plus what the
-request path noted on the way (app, resource, caller name, upstream status, and where the
-time went: `queue_ms` as `X-HoopAI-Queue-Ms` says it, `upstream_ms`, `token_ms`).
+header value but the request id: the access line carries method, path, status and
+durations, plus what the request path noted on the way (`request_id`, app, resource,
+caller name, upstream status, and where the time went: `queue_ms` as `X-HoopAI-Queue-Ms`
+says it, `upstream_ms`, `token_ms`). Every other line logged while a request is handled
+carries its `request_id` too (`proxy.request_ids.CURRENT`).
 aiohttp's HTTP parser quotes the bytes it refused (a bearer token, `?api_key=`), so a
 record carrying one of its errors keeps only the error's class and status. asyncio reports
 a failing `accept()` (out of descriptors) hundreds of times a second; repeats of one kind
@@ -24,6 +26,8 @@ from typing import Any
 from aiohttp import ClientPayloadError, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+
+from proxy.request_ids import CURRENT
 
 # Errors whose text may quote what a caller (or the upstream) sent.
 PARSER_ERRORS: tuple[type[BaseException], ...] = (
@@ -47,6 +51,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = CURRENT.get()
+        if request_id is not None:
+            # Records logged while a request is handled, however deep, say which one.
+            line["request_id"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 line[key] = value
