@@ -111,6 +111,8 @@ class Admission:
         self._limiter = limiter
         self._metrics = metrics
         self._board = board
+        self._wall_clock = wall_clock
+        self._config = limits
         self.limits = limits_from(limits)
         self.learned = LearnedLimits(self.limits, limits.learn, limits.max_tracked_keys)
         self.pad = PadEstimate(self.limits.pad_s, limits.burst.max_pad_ms / 1000)
@@ -127,6 +129,39 @@ class Admission:
         # began (a decision asked meanwhile may carry the limits a write replaces).
         self._learn_writes = 0
         self._learn_epoch = 0
+
+    def use_limits(self, limits: LimitsConfig, queue: QueueConfig) -> None:
+        """Apply reloaded limits and queue settings (proxy/reload.py decided they may change
+        in place; `max_tracked_keys` may not, the limiter was sized by it).
+
+        Requests already held keep their slots and wake at them: the slots were placed
+        under the limits then in force, and the limiter places every later one so that no
+        window ending at it holds more than the new N (as when the upstream's headers
+        teach a lower limit); so a window that spans the reload holds at most the old N,
+        and from the last held slot on at most the new one. Requests waiting for a cold
+        key's probe or a batch turn ask with the new limits, as each ask reads them anew.
+        New burst or daily numbers (or a new `learn`) forget the limits learned from the
+        upstream: the next answers teach them again, against the new configuration.
+        """
+        self._max_wait_s = 0.0 if queue.mode == "reject" else queue.max_wait_ms / 1000
+        old, self._config = self._config, limits
+        if limits == old:
+            return
+        configured = limits_from(limits)
+        if configured != self.limits or limits.learn != old.learn:
+            self.limits = configured
+            self.learned = LearnedLimits(configured, limits.learn, limits.max_tracked_keys)
+            self._board.use_limits(configured)
+        burst, before = limits.burst, old.burst
+        if (burst.pad_ms, burst.max_pad_ms) != (before.pad_ms, before.max_pad_ms):
+            self.pad = PadEstimate(configured.pad_s, limits.burst.max_pad_ms / 1000)
+        if limits.daily.timezone != old.daily.timezone:
+            self._days = DayClock(limits.daily.zone, self._wall_clock)
+        self.shadow = limits.mode == "shadow"
+        self._daily_reserve = limits.daily.reserve
+        # Both are built from the limits and the mode: start them afresh.
+        self._answers.clear()
+        self._with_pad.clear()
 
     def today(self) -> Day:
         return self._days.today()
@@ -365,7 +400,7 @@ class Admission:
         # `r` more until its window moves on, whatever our own numbers are.
         burst = upstream_remaining(headers, UPSTREAM_BURST_REMAINING)
         daily = upstream_remaining(headers, UPSTREAM_DAILY_REMAINING)
-        self._board.answered(key, headers)
+        self._board.answered(key, headers, status)
         probe = decision.probe == "this"
         try:
             if status == 429:

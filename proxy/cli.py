@@ -1,4 +1,4 @@
-"""The `hoopai-proxy` command: serve, check-config, simulate, demo, tokens.
+"""The `hoopai-proxy` command: serve, reload, check-config, simulate, demo, tokens.
 
 Exit codes: 0 ok, 2 bad config or usage (one line naming the key and the reason),
 1 a failure at run time.
@@ -21,9 +21,11 @@ from proxy.config import Config, describe_config, refuse_open_relay
 from proxy.demo import run_demo as demo
 from proxy.errors import ConfigError, ListenError
 from proxy.logs import configure_logging
-from proxy.server import bind_socket, run_forked_workers, serve_until_signalled
+from proxy.reloader import Reloader, request_reload
+from proxy.server import EarlyReloads, bind_socket, run_forked_workers, serve_until_signalled
 from proxy.simulator import cli as simulator_cli
 from proxy.tokens import cli as tokens_cli
+from proxy.tracing import tracing_from_environment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: log.level of the config)"
+    )
     serve.set_defaults(run=run_serve)
+
+    reload = commands.add_parser("reload", help="make the running proxy re-read its config")
+    reload.add_argument("--config", help=f"config file (default: ${CONFIG_ENV})")
+    reload.add_argument(
+        "--admin-url", help="the admin listener (default: admin.host and admin.port of the file)"
+    )
+    reload.set_defaults(run=run_reload)
 
     check = commands.add_parser("check-config", help="validate a config and print it")
     check.add_argument("file", nargs="?", help=f"config file (default: ${CONFIG_ENV})")
@@ -82,7 +93,10 @@ def run_check_config(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     config = config_from(args.config, os.environ)
     refuse_open_relay(config)
-    configure_logging(args.log_level)
+    # The flag wins at start; a reload applies log.level when the file changes it.
+    configure_logging(args.log_level or config.log.level)
+    early_reloads = EarlyReloads()  # a SIGHUP while starting is acted on once started
+    config_path = args.config or os.environ[CONFIG_ENV]
     warn_if_network_trusted(config)
     sock = _listen("server", config.server.host, config.server.port)
     admin_sock = _listen("admin", config.admin.host, config.admin.port)
@@ -90,11 +104,23 @@ def run_serve(args: argparse.Namespace) -> int:
     grace_s = config.queue.max_wait_ms / 1000 + config.upstream.timeout_s
 
     def serve_one(banner: str | None = "hoopai-proxy") -> None:
-        app = create_app(config)
-        admin = (create_admin_app(app), admin_sock)
+        # Per process (a forked worker starts its own exporter thread); None when off.
+        app = create_app(config, tracing=tracing_from_environment(os.environ))
+        admin_app = create_admin_app(app)
+        forked = config.server.workers > 1
+        reloader = Reloader(app, config_path, os.environ, started=config, tell_parent=forked)
+        reloader.add_route(admin_app)
+        admin = (admin_app, admin_sock)
         asyncio.run(
             serve_until_signalled(
-                app, sock, banner=banner, grace_s=grace_s, server_config=config.server, admin=admin
+                app,
+                sock,
+                banner=banner,
+                grace_s=grace_s,
+                server_config=config.server,
+                admin=admin,
+                on_reload=reloader.on_signal,
+                early_reloads=early_reloads,
             )
         )
 
@@ -110,8 +136,16 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hoopai-proxy admin on http://{admin_host}:{admin_port}", flush=True)
 
     return run_forked_workers(
-        config.server.workers, lambda: serve_one(banner=None), started=announce
+        config.server.workers,
+        lambda: serve_one(banner=None),
+        started=announce,
+        early_reloads=early_reloads,
     )
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    """Ask the running proxy (its admin listener) to re-read its config file."""
+    return request_reload(config_from(args.config, os.environ), args.admin_url)
 
 
 def warn_if_network_trusted(config: Config) -> None:

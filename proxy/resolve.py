@@ -105,6 +105,14 @@ class Resolver:
         self._default = _split_resource(config.default_resource)
         self._claims_of: dict[str, dict[str, Any] | None] = {}
 
+    def use_callers(self, callers: tuple[CallerConfig, ...], default_resource: str) -> None:
+        """The callers (keys, allow lists, apps, weights, priorities) and default resource
+        of a reloaded config (proxy/reload.py). Requests resolve with the new ones from
+        the next one on; a request already resolved keeps its Target. The apps stay the
+        ones the process started with: changing them needs a restart."""
+        self._callers = {caller.key_sha256: caller for caller in callers}
+        self._default = _split_resource(default_resource)
+
     def _claims(self, token: str) -> dict[str, Any] | None:
         """`jwt_claims`, remembered for the last tokens seen: a caller sends the same
         token for up to a day, and decoding it is a good part of resolving."""

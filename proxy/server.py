@@ -1,4 +1,5 @@
-"""Runs an aiohttp application on a socket: bind, announce, serve, drain on SIGTERM.
+"""Runs an aiohttp application on a socket: bind, announce, serve, reload on SIGHUP, drain
+on SIGTERM.
 
 Used by `hoopai-proxy serve`, by the demo and by the tests, so the tests start the proxy
 exactly the way production does. Port 0 picks a free port; the bound address is printed
@@ -114,9 +115,13 @@ async def serve_until_signalled(
     grace_s: float,
     server_config: ServerConfig,
     admin: tuple[web.Application, socket.socket] | None = None,
+    on_reload: Callable[[], None] | None = None,
+    early_reloads: EarlyReloads | None = None,
 ) -> None:
     """Serve `app` (and the admin app on its own socket) until SIGTERM or SIGINT, then
-    drain in-flight requests and stop."""
+    drain in-flight requests and stop. SIGHUP calls `on_reload` (a config reload) on the
+    loop once the app has started; one that came while it started (`early_reloads`
+    noted it) is acted on then."""
     limits = fitted_limits(ConnectionLimits.from_config(server_config))
     server = await start_server(app, sock, limits=limits, grace_s=grace_s)
     admin_server = None
@@ -129,6 +134,10 @@ async def serve_until_signalled(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_reload)
+            if early_reloads is not None and early_reloads.take():
+                loop.call_soon(on_reload)
         if banner is not None:
             print(f"{banner} listening on {server.url}", flush=True)
             if admin_server is not None:
@@ -142,7 +151,11 @@ async def serve_until_signalled(
 
 
 def run_forked_workers(
-    count: int, serve_one: Callable[[], None], *, started: Callable[[], None]
+    count: int,
+    serve_one: Callable[[], None],
+    *,
+    started: Callable[[], None],
+    early_reloads: EarlyReloads | None = None,
 ) -> int:
     """Fork `count` worker processes that all serve the socket bound before the fork.
 
@@ -150,8 +163,14 @@ def run_forked_workers(
     over them. SIGTERM or SIGINT to the parent is passed on to every worker, which drains
     its in-flight requests. If a worker dies on its own, the others are stopped too and
     the exit status is 1, so a supervisor sees the failure instead of a half-dead pool.
+    SIGHUP to the parent is passed on to every worker: each reloads its config.
     """
     children = [_fork(serve_one) for _ in range(count)]
+    # A config reload: every worker reads the file again (one still starting has its
+    # EarlyReloads, inherited, note it).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _signal_all(children, signal.SIGHUP))
+    if early_reloads is not None and early_reloads.take():
+        _signal_all(children, signal.SIGHUP)
     started()
     stopping = False
 
@@ -173,6 +192,24 @@ def run_forked_workers(
         elif os.waitstatus_to_exitcode(status) != 0:
             failed = True
     return 1 if failed else 0
+
+
+class EarlyReloads:
+    """Notes a SIGHUP that comes before the server can reload (by default it would end the
+    process), so it is acted on once it can; forked workers inherit it until their event
+    loop takes SIGHUP over. Made once, in the main thread, before the fork."""
+
+    def __init__(self) -> None:
+        self._pending = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, _signum: int, _frame: object) -> None:
+        self._pending = True
+
+    def take(self) -> bool:
+        """Whether a SIGHUP came since the last call."""
+        pending, self._pending = self._pending, False
+        return pending
 
 
 def _fork(serve_one: Callable[[], None]) -> int:
