@@ -6,7 +6,9 @@ command works on the configured store (SQLite file or Redis) and upstream, so it
 while proxies run: `refresh` goes through the token manager and its cross-process lock,
 and `reencrypt` rewrites a record only if it is unchanged since it read it. A refresh
 token is read from stdin or a file, never from argv (every user sees argv in `ps`), and
-no command ever prints a token, a key or any part of one.
+no command ever prints a token, a key or any part of one. `list`, `delete` and `refresh`
+are the operations of proxy/tokens/operations.py, which the admin listener's token routes
+run too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from proxy.errors import (
     TokenUnavailable,
 )
 from proxy.services import Services, open_services
+from proxy.tokens import operations
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import OAuthClient
 from proxy.tokens.sealing import Sealer, reencrypt
@@ -234,24 +237,20 @@ async def _keep(manager: TokenManager, record: TokenRecord) -> TokenRecord:
 
 
 async def _list(config: Config, args: argparse.Namespace) -> None:
-    app_id = _app(config, args.app).app_id if args.app else None
-    names = {app.app_id: app.name for app in config.apps}
+    app = _app(config, args.app) if args.app else None
     async with _services(config) as services:
-        records = await services.token_store.list()
-    shown = sorted((r for r in records if app_id is None or r.app == app_id), key=lambda r: r.key)
+        shown = await operations.list_views(config, services.token_store, app=app)
     if not shown:
         print("no tokens stored")
         return
-    print(_table(shown, names, time.time()), end="")
+    print(_table(shown, time.time()), end="")
 
 
 async def _delete(config: Config, args: argparse.Namespace) -> None:
     app = _app(config, args.app)
     kind, resource_id = _resource(args)
     async with _services(config) as services:
-        deleted = await services.tokens.uninstall(app.app_id, kind, resource_id)
-    if not deleted:
-        raise CommandRefused(f"no token is stored for {kind} {resource_id} of app {app.name}")
+        await operations.delete(services.tokens, app, kind, resource_id)
     print(f"deleted {kind} {resource_id} for app {app.name}")
 
 
@@ -259,10 +258,9 @@ async def _refresh(config: Config, args: argparse.Namespace) -> None:
     app = _app(config, args.app)
     kind, resource_id = _resource(args)
     async with _services(config) as services:
-        record = await services.token_store.get(app.app_id, kind, resource_id)
-        if record is None:
-            raise CommandRefused(f"no token is stored for {kind} {resource_id} of app {app.name}")
-        fresh = await services.tokens.refresh_now(app, record)
+        fresh = await operations.refresh(
+            services.tokens, services.token_store, app, kind, resource_id
+        )
     until = _utc(fresh.expires_at)
     print(
         f"refreshed {kind} {resource_id} for app {app.name} "
@@ -321,9 +319,9 @@ def _read_refresh_token(args: argparse.Namespace) -> str:
     return token
 
 
-def _table(records: Sequence[TokenRecord], names: dict[str, str], now: float) -> str:
+def _table(views: Sequence[operations.TokenView], now: float) -> str:
     header = ("APP", "RESOURCE", "STATUS", "ACCESS TOKEN EXPIRES", "REFRESH AGE (DAYS)", "VERSION")
-    rows = [header, *(_row(record, names, now) for record in records)]
+    rows = [header, *(_row(view, now) for view in views)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -332,17 +330,17 @@ def _table(records: Sequence[TokenRecord], names: dict[str, str], now: float) ->
     )
 
 
-def _row(record: TokenRecord, names: dict[str, str], now: float) -> tuple[str, ...]:
+def _row(view: operations.TokenView, now: float) -> tuple[str, ...]:
     # A minted Location token has no refresh token of its own: its age means nothing.
-    age = f"{(now - record.refreshed_at) / DAY_S:.1f}" if record.refresh_token else "-"
-    expires = f"{_utc(record.expires_at)} ({_relative(record.expires_at - now)})"
+    age = view.refresh_age_s(now)
+    expires = f"{_utc(view.expires_at)} ({_relative(view.expires_at - now)})"
     return (
-        names.get(record.app, record.app),
-        f"{record.kind}:{record.id}",
-        record.status,
+        view.app,
+        f"{view.kind}:{view.id}",
+        view.status,
         expires,
-        age,
-        str(record.version),
+        "-" if age is None else f"{age / DAY_S:.1f}",
+        str(view.version),
     )
 
 

@@ -13,6 +13,9 @@ half of `tokens.max_concurrent_refreshes` (at least one) in flight: the token ma
 cap bounds every refresh of the process, and keep-alive leaves the other half to the
 requests that need a token now. Records due together (after downtime) are therefore
 refreshed a few at a time, and their next refreshes fall apart again by their offsets.
+
+Each pass also hands the list it read to the reauth watch (proxy/tokens/reauth.py), so
+the `needs_reauth` gauge and status list follow what other replicas marked or healed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Callable, Mapping
 from proxy.config import AppConfig, TokensConfig
 from proxy.errors import ProxyError
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.reauth import ReauthWatch
 from proxy.tokens.store import OK, TokenRecord, TokenStore
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,11 @@ class KeepAlive:
         config: TokensConfig,
         *,
         clock: Callable[[], float] = time.time,
+        reauth: ReauthWatch | None = None,
     ) -> None:
-        """`apps` maps marketplace app id to its config."""
+        """`apps` maps marketplace app id to its config; `reauth`, when given, is shown
+        every list a pass reads."""
+        self._reauth = reauth
         self._manager = manager
         self._store = store
         self._apps = apps
@@ -80,8 +87,12 @@ class KeepAlive:
 
     async def run_once(self) -> int:
         """Refresh every due record; returns how many were refreshed (or found refreshed)."""
+        began = self._reauth.scan_began() if self._reauth is not None else 0
+        records = await self._store.list()
+        if self._reauth is not None:
+            self._reauth.observe(records, began)
         now = self._clock()
-        due = [record for record in await self._store.list() if self.due(record, now)]
+        due = [record for record in records if self.due(record, now)]
         due.sort(key=lambda record: record.expires_at)  # the most urgent first
         queue = iter(due)
         refreshed = 0

@@ -11,7 +11,9 @@ to change and read the new pair.
 
 A refresh token the upstream calls invalid (`invalid_grant`) is re-read first (another
 replica may have won); if it is still the one that failed, the record is marked
-`needs_reauth` and callers get 401 `reauthorization_required`. A Location without a token
+`needs_reauth` and callers get 401 `reauthorization_required`; the reauth listener
+(proxy/tokens/reauth.py) hears of it from the one process whose write landed, and of every
+reinstall, delete or revival that heals a record. A Location without a token
 of its own, under a Company install that approves it, gets a token minted from the
 Company token (single-flight too); a Company token refused there as `Invalid JWT` is
 refreshed and the mint tried once more. A location nothing could mint for is remembered
@@ -37,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import replace
+from typing import Protocol
 
 from proxy.config import AppConfig, TokensConfig
 from proxy.errors import (
@@ -66,6 +69,15 @@ MISSING_TTL_S = 60.0
 MAX_MISSING = 10_000
 
 
+class ReauthListener(Protocol):
+    """Hears of each resource this process marks needs_reauth, and of each it heals
+    (proxy/tokens/reauth.py: the gauge, the status list, the log event and the alert)."""
+
+    def marked(self, record: TokenRecord, reason: str) -> None: ...
+
+    def cleared(self, key: ResourceKey) -> None: ...
+
+
 class TokenManager:
     """Hands out valid access tokens for (app, kind, id), refreshing them exactly once."""
 
@@ -78,8 +90,11 @@ class TokenManager:
         metrics: Metrics | None = None,
         attempt_s: float = 65.0,
         clock: Callable[[], float] = time.time,
+        reauth: ReauthListener | None = None,
     ) -> None:
-        """`attempt_s` is the longest one token endpoint call can take."""
+        """`attempt_s` is the longest one token endpoint call can take; `reauth` hears
+        of every resource marked needs_reauth here (else each is only logged)."""
+        self._reauth = reauth
         self._store = store
         self._attempt_s = attempt_s
         self._holding: set[ResourceKey] = set()  # keys whose refresh lock this process holds
@@ -128,6 +143,8 @@ class TokenManager:
         record)."""
         stored = await self._store.replace(record)
         self._cache[stored.key] = stored  # a reinstall may restart versions: it always wins
+        if self._reauth is not None:
+            self._reauth.cleared(stored.key)
         if stored.kind == "location":
             self._missing.pop((stored.app, stored.id), None)
         else:  # a Company install may approve any location of its app
@@ -138,8 +155,12 @@ class TokenManager:
 
     async def uninstall(self, app_id: str, kind: ResourceKind, resource_id: str) -> bool:
         """Delete the record of an uninstalled app: its tokens are dead upstream."""
-        self.forget(ResourceKey(app_id, kind, resource_id))
-        return await self._store.delete(app_id, kind, resource_id)
+        key = ResourceKey(app_id, kind, resource_id)
+        self.forget(key)
+        deleted = await self._store.delete(app_id, kind, resource_id)
+        if self._reauth is not None:
+            self._reauth.cleared(key)
+        return deleted
 
     async def aclose(self, timeout_s: float) -> None:
         """Let refreshes under way finish (they may hold the only live pair) before the
@@ -337,6 +358,8 @@ class TokenManager:
             # our pair is the live one.
             revived = replace(fresh, version=latest.version + 1)
             if await self._store.compare_and_set(revived):
+                if self._reauth is not None:
+                    self._reauth.cleared(revived.key)
                 return revived
         log.error("token record %s changed while its refresh lock was held", current.tag)
         _refuse_dead(latest, app)
@@ -348,8 +371,13 @@ class TokenManager:
             _refuse_dead(latest, app)
             return latest  # another replica won the rotation; its pair is live
         dead = replace(failed, status=NEEDS_REAUTH, version=failed.version + 1)
-        await self._store.compare_and_set(dead)
-        log.error("refresh token of %s is invalid (%s): reinstall needed", failed.tag, reason)
+        # Only the process whose write lands reports the transition: one alert in all.
+        if not await self._store.compare_and_set(dead):
+            log.info("refresh token of %s is invalid (%s); the record changed", dead.tag, reason)
+        elif self._reauth is not None:
+            self._reauth.marked(dead, reason)
+        else:
+            log.warning("refresh token of %s is invalid (%s): reinstall needed", dead.tag, reason)
         _refuse_dead(dead, app)
         raise AssertionError("unreachable")  # _refuse_dead raised
 
