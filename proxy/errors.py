@@ -26,6 +26,8 @@
     │   ├── LimiterUnavailable      Redis down and on_redis_error: reject
     │   ├── TokenStoreUnavailable   the token store cannot be used
     │   ├── TokenUnavailable        no fresh token for now (refresh failed, inactive location)
+    │   ├── WebhookDeferred         a valid webhook delivery not acted on for now: 429, so
+    │   │                           HighLevel sends it again
     │   └── TooManyKeys             the process tracks limits.max_tracked_keys keys
     ├── TokenEndpointError          the upstream's token endpoint said no (its words)
     │   ├── InvalidGrant            the code or refresh token is invalid, expired or used
@@ -158,6 +160,12 @@ class TokenStoreUnavailable(Unavailable):
 
 class TokenUnavailable(Unavailable):
     pass
+
+
+class WebhookDeferred(Unavailable):
+    """A valid webhook delivery the proxy could not act on for a passing reason (the store,
+    Redis or the token endpoint down). Answered 429 with `Retry-After`: HighLevel sends a
+    delivery again only after a 429. Its webhookId stays unclaimed."""
 
 
 class TooManyKeys(Unavailable):

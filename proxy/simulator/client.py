@@ -72,6 +72,17 @@ class SimulatorClient:
         answer = await self._call("POST", "/_sim/install", json=payload)
         return str(answer["code"])
 
+    async def approve_locations(
+        self, client_id: str, company_id: str, location_ids: Iterable[str]
+    ) -> None:
+        """Approve more locations for a Company install (a bulk install growing later)."""
+        payload = {
+            "client_id": client_id,
+            "company_id": company_id,
+            "location_ids": list(location_ids),
+        }
+        await self._call("POST", "/_sim/approve", json=payload)
+
     async def exchange_code(
         self, client_id: str, client_secret: str, code: str, user_type: str = "Location"
     ) -> dict[str, Any]:

@@ -63,6 +63,14 @@ def install(sim: Simulator, data: Json) -> Json:
     }
 
 
+def approve(sim: Simulator, data: Json) -> Json:
+    """Approve more locations for a Company install (a bulk install growing later)."""
+    client_id = _required_str(data, "client_id")
+    company_id = _required_str(data, "company_id")
+    sim.approve_locations(client_id, company_id, _str_list(data, "location_ids"))
+    return {"companyId": company_id, "added": _str_list(data, "location_ids")}
+
+
 def stats(sim: Simulator, data: Json) -> Json:
     return sim.stats()
 
@@ -119,6 +127,7 @@ def _handler(op: ControlOp) -> Callable[[web.Request], Awaitable[web.Response]]:
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/_sim/install", _handler(install)),
+        web.post("/_sim/approve", _handler(approve)),
         web.get("/_sim/stats", _handler(stats)),
         web.post("/_sim/faults", _handler(set_faults)),
         web.delete("/_sim/faults", _handler(clear_faults)),

@@ -35,6 +35,9 @@ class Faults:
     # nothing (its request is cancelled), unlike token_latency_ms which comes after.
     token_accept_delay_ms: float = 0.0
     force_429: int = 0
+    # The next N calls to /oauth/* (token, locationToken, installedLocations) answer
+    # `error_status` before deciding anything: the token endpoint down for a while.
+    oauth_errors: int = 0
     inactive_locations: set[str] = field(default_factory=set)
     # Location ids no Company owns: /oauth/locationToken refuses them even under a Company
     # install that approves every location (the proxy cannot know they do not exist).
@@ -60,7 +63,7 @@ def _check(name: str, value: object) -> object:
         return _number(name, value, 0.0, float("inf"))
     if name == "error_status":
         return int(_number(name, value, 500, 599, integer=True))
-    if name == "force_429":
+    if name in ("force_429", "oauth_errors"):
         return int(_number(name, value, 0, float("inf"), integer=True))
     if name in ("inactive_locations", "unknown_locations"):
         if not isinstance(value, list | tuple | set) or not all(isinstance(v, str) for v in value):

@@ -3,6 +3,14 @@
 Each answer is decided (codes spent, refresh tokens rotated) BEFORE the optional
 ``token_latency_ms`` sleep, as on the real server, where a rotation is done even when its
 answer is then lost: a test can kill a client mid-refresh and see the old token dead.
+The ``oauth_errors`` fault answers the next N calls with ``error_status`` before anything
+is decided (the token endpoint down for a while).
+
+``/oauth/installedLocations`` follows HighLevel's spec (GetInstalledLocationsSuccessfulResponseDto):
+``companyId`` and ``appId`` are required (422 without them), ``skip`` and ``limit``
+(default 20) page the list, ``isInstalled=true|false`` filters it; the answer is
+``{"locations": [{"_id", "name", "address", "isInstalled"}], "count": <all that match>,
+"installToFutureLocations": bool}``.
 """
 
 from __future__ import annotations
@@ -60,6 +68,16 @@ def _answering(sim: Simulator) -> Iterator[None]:
         yield
     finally:
         counters.oauth_in_flight -= 1
+
+
+def _injected_error(sim: Simulator) -> web.Response | None:
+    """The ``oauth_errors`` fault's answer, while it lasts."""
+    if sim.faults.oauth_errors <= 0:
+        return None
+    sim.faults.oauth_errors -= 1
+    sim.counters.oauth_errors += 1
+    status = sim.faults.error_status
+    return error_response(status, "Injected token endpoint failure", error="Service Unavailable")
 
 
 async def _token_latency(sim: Simulator) -> None:
@@ -138,7 +156,7 @@ async def token_handler(request: web.Request) -> web.Response:
         sim.counters.token_requests += 1
         if sim.faults.token_accept_delay_ms > 0:
             await asyncio.sleep(sim.faults.token_accept_delay_ms / 1000)
-        answer = token_answer(sim, form)
+        answer = _injected_error(sim) or token_answer(sim, form)
         await _token_latency(sim)
         return answer
 
@@ -166,7 +184,7 @@ def location_token_answer(
         return error_response(400, "companyId and locationId are required", error="Bad Request")
     if company_id != company.company_id:
         return error_response(400, "The token does not belong to this company", error="Bad Request")
-    if not company.approves(location_id) or location_id in sim.faults.unknown_locations:
+    if not sim.approves(company, location_id) or location_id in sim.faults.unknown_locations:
         return error_response(400, "The app is not installed on this location", error="Bad Request")
     if location_id in sim.faults.inactive_locations:
         return error_response(400, "Location is not active")
@@ -185,7 +203,7 @@ async def location_token_handler(request: web.Request) -> web.Response:
         sim.counters.location_token_requests += 1
         company = _company_install(sim, request)
         form = await read_form(request)
-        answer = (
+        answer = _injected_error(sim) or (
             company
             if isinstance(company, web.Response)
             else location_token_answer(sim, company, form)
@@ -197,23 +215,69 @@ async def location_token_handler(request: web.Request) -> web.Response:
 def installed_locations_answer(
     sim: Simulator, company: Install, query: Mapping[str, str]
 ) -> web.Response:
-    """The locations a Company install approved (none listed means none known here)."""
-    company_id = query.get("companyId", company.company_id)
-    app_id = query.get("appId", company.app_id)
+    """The locations a Company install approved, one page of them (none listed: none known
+    here). Every location the simulator knows of a company is one the app is installed on."""
+    company_id, app_id = query.get("companyId", ""), query.get("appId", "")
+    if not company_id or not app_id:
+        missing = [
+            name for name, value in (("companyId", company_id), ("appId", app_id)) if not value
+        ]
+        return web.json_response(
+            {
+                "statusCode": 422,
+                "message": [f"{name} should not be empty" for name in missing],
+                "error": "Unprocessable Entity",
+            },
+            status=422,
+        )
     if company_id != company.company_id or app_id != company.app_id:
         return error_response(
             400, "companyId or appId does not match the token", error="Bad Request"
         )
+    try:
+        skip, limit = _page(query)
+    except ValueError as exc:
+        return web.json_response(
+            {"statusCode": 422, "message": [str(exc)], "error": "Unprocessable Entity"},
+            status=422,
+        )
+    listed = sim.approved_locations(company)
+    if query.get("isInstalled") == "false":
+        listed = ()  # every location the simulator knows of has the app installed
     locations = [
-        {"_id": location_id, "name": f"Simulated location {location_id}", "isInstalled": True}
-        for location_id in company.approved_locations
+        {
+            "_id": location_id,
+            "name": f"Simulated location {location_id}",
+            "address": "",
+            "isInstalled": True,
+        }
+        for location_id in listed[skip : skip + limit]
     ]
-    return web.json_response({"locations": locations, "count": len(locations)})
+    return web.json_response(
+        {"locations": locations, "count": len(listed), "installToFutureLocations": False}
+    )
+
+
+DEFAULT_PAGE = 20
+
+
+def _page(query: Mapping[str, str]) -> tuple[int, int]:
+    """``skip`` and ``limit`` from the query (strings, as HighLevel's spec has them)."""
+    values = []
+    for name, default in (("skip", 0), ("limit", DEFAULT_PAGE)):
+        text = query.get(name, str(default))
+        if not text.isdigit():
+            raise ValueError(f"{name} must be a number string")
+        values.append(int(text))
+    if values[1] < 1:
+        raise ValueError("limit must be at least 1")
+    return values[0], values[1]
 
 
 async def installed_locations_handler(request: web.Request) -> web.Response:
     sim = request.app[SIMULATOR]
-    company = _company_install(sim, request)
+    sim.counters.installed_locations_requests += 1
+    company = _injected_error(sim) or _company_install(sim, request)
     if not isinstance(company, web.Response):
         company = installed_locations_answer(sim, company, request.query)
     await _token_latency(sim)

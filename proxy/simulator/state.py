@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.simulator.config import SimulatorConfig, check_lifetime, check_limits
+from proxy.simulator.config import SimulatorConfig, app_id_of, check_lifetime, check_limits
 from proxy.simulator.faults import Dice, Faults
 from proxy.simulator.jwt import random_id
 from proxy.simulator.limits import LimitBook, LimitView
@@ -49,6 +49,8 @@ class Simulator:
         self.transits = TransitLog()
         self.dice = Dice(self.config.seed)
         self._clock = clock
+        # Locations approved after a Company install: (app id, company id) -> location ids.
+        self._added_locations: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def now(self) -> float:
         """The simulator's time: the injected clock plus whatever tests advanced."""
@@ -110,6 +112,30 @@ class Simulator:
         )
         self.counters.codes_exchanged += 1
         return grant_json(pair)
+
+    def approve_locations(
+        self, client_id: str, company_id: str, location_ids: Iterable[str]
+    ) -> None:
+        """Approve more locations for an app's Company install, as an agency admin adding
+        sub-accounts to a bulk install later: /oauth/installedLocations lists them and
+        /oauth/locationToken mints for them (an install listing no location approves all
+        already; after this it approves exactly what is listed)."""
+        key = (app_id_of(client_id), company_id)
+        added = [lid for lid in location_ids if lid not in self._added_locations.get(key, ())]
+        self._added_locations[key] = (*self._added_locations.get(key, ()), *added)
+
+    def approved_locations(self, install: Install) -> tuple[str, ...]:
+        """The locations a Company install approves now: at install, and added since."""
+        added = self._added_locations.get((install.app_id, install.company_id), ())
+        return (
+            *install.approved_locations,
+            *(a for a in added if a not in install.approved_locations),
+        )
+
+    def approves(self, install: Install, location_id: str) -> bool:
+        """Whether a Company install covers a location now (no list means all of them)."""
+        approved = self.approved_locations(install)
+        return not approved or location_id in approved
 
     def authenticate(self, authorization: str | None) -> AccessGrant | None:
         """The grant behind an ``Authorization: Bearer`` value, or ``None`` (Invalid JWT)."""

@@ -30,6 +30,8 @@ class Stats:
     ``forced_429`` the subset forced by the fault.
     ``location_token_requests`` counts every call to ``/oauth/locationToken``, refused or
     not; ``location_tokens_minted`` the ones that handed out a token.
+    ``installed_locations_requests`` counts every call to ``/oauth/installedLocations``;
+    ``oauth_errors`` the calls to ``/oauth/*`` the ``oauth_errors`` fault answered 5xx.
     ``token_requests`` counts every call to ``/oauth/token`` once its form has arrived,
     before any accept delay (a test can kill a client whose call is surely received).
     ``oauth_in_flight`` is how many calls to ``/oauth/token`` and ``/oauth/locationToken``
@@ -54,6 +56,8 @@ class Stats:
     location_token_requests: int = 0
     location_tokens_minted: int = 0
     token_requests: int = 0
+    installed_locations_requests: int = 0
+    oauth_errors: int = 0
     oauth_in_flight: int = 0
     max_oauth_in_flight: int = 0
     dropped: int = 0

@@ -16,10 +16,15 @@ and the token endpoint is not called.
 
 The app's name travels in `state`, so one proxy can install several apps on one callback
 URL. The page shown at the end says what was installed, never a token.
+
+A Company install (a bulk install approving many locations) is reconciled at once
+(reconcile.py): the callback waits up to `INSTALL_WAIT_S` for every approved location's
+token to be minted, then lets the rest go on in the background, and its page says which.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import logging
@@ -43,6 +48,7 @@ from proxy.errors import (
 )
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import OAuthClient, TokenGrant
+from proxy.tokens.reconcile import Reconciled, Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ BAD_CODE_WINDOW_S = 60.0
 # Addresses remembered at most; past it the least recently seen is forgotten, so a flood
 # from many addresses costs bounded memory.
 MAX_TRACKED_ADDRESSES = 10_000
+# How long the callback waits for a Company's locations to be minted before answering.
+INSTALL_WAIT_S = 10.0
 
 
 class InstallFlow:
@@ -65,10 +73,12 @@ class InstallFlow:
         config: Config,
         oauth: OAuthClient,
         manager: TokenManager,
+        reconciler: Reconciler,
     ) -> None:
         self._config = config
         self._oauth = oauth
         self._manager = manager
+        self._reconciler = reconciler
         self._bad_codes = BadCodeLimit(oauth.clock)
 
     def _app(self, name: str | None) -> AppConfig:
@@ -129,7 +139,17 @@ class InstallFlow:
         app = self._solicited_app(request)
         grant = await self._exchange(app, code, request.remote or "")
         record = await self._manager.install(grant.record(app.app_id, now=self._oauth.clock()))
-        return _installed_page(app, record.kind, record.id, grant.approved_locations)
+        reconciled = None
+        if record.kind == "company":
+            reconciled = await self._reconcile(app, record.id)
+        return _installed_page(app, record.kind, record.id, grant.approved_locations, reconciled)
+
+    async def _reconcile(self, app: AppConfig, company_id: str) -> Reconciled | None:
+        """Mint the Company's locations now; None if that takes over INSTALL_WAIT_S (it
+        goes on in the background)."""
+        task = self._reconciler.schedule(app, company_id)
+        done, _ = await asyncio.wait({task}, timeout=INSTALL_WAIT_S)
+        return task.result() if done else None
 
     def _solicited_app(self, request: web.Request) -> AppConfig:
         """The app of the callback, once its state is bound to this browser's cookie (or
@@ -250,16 +270,38 @@ def _cookie(value: str, max_age_s: int, *, secure: bool) -> str:
     return morsel.OutputString()
 
 
-def _installed_page(app: AppConfig, kind: str, resource_id: str, approved: tuple[str, ...]) -> str:
+def _installed_page(
+    app: AppConfig,
+    kind: str,
+    resource_id: str,
+    approved: tuple[str, ...],
+    reconciled: Reconciled | None = None,
+) -> str:
     what = f"{kind} {html.escape(resource_id)}"
     extra = ""
     if kind == "company":
         extra = (
             f"<p>Approved locations: {html.escape(', '.join(approved)) or 'all'}. "
-            "Location tokens are minted from this install when first used.</p>"
+            f"{_minting_note(reconciled)}</p>"
         )
     return (
         "<!doctype html><title>Installed</title>"
         f"<h1>Installed {html.escape(app.name)}</h1><p>The proxy now holds the token for "
         f"{what}.</p>{extra}"
+    )
+
+
+def _minting_note(reconciled: Reconciled | None) -> str:
+    """What the page says of the location tokens of a Company install."""
+    if reconciled is None:
+        return (
+            "Location tokens are being minted in the background; /status and "
+            "`hoopai-proxy tokens list` show them as they come."
+        )
+    if reconciled.skipped or not reconciled.listed:
+        return "Location tokens are minted from this install when first used."
+    failed = f", {reconciled.failed} could not be minted yet" if reconciled.failed else ""
+    return (
+        f"The app is installed on {reconciled.listed} location(s): "
+        f"{reconciled.minted + reconciled.present} hold a token now{failed}."
     )

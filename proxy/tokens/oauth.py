@@ -1,10 +1,13 @@
-"""The client of the upstream's token endpoints: code exchange, refresh, location tokens.
+"""The client of the upstream's token endpoints: code exchange, refresh, location tokens,
+and the list of a Company install's locations.
 
 Answers are classified here, at one seam, so the token manager sees only the proxy's own
 outcomes: a `TokenGrant`; `InvalidGrant` (the refresh token is dead: reinstall);
 `LocationInactive` (temporary: keep the token); `ClientRejected` (wrong client secret);
 `InvalidJwt` (the Company bearer token of /oauth/locationToken was refused: refresh it);
 or, after a few quick retries of network errors and 5xx, `TokenUnavailable`.
+`installed_locations_page` is sent once (its caller took a limiter slot for it, and a
+resend needs a slot of its own): a network error or 5xx is `TokenUnavailable` at once.
 """
 
 from __future__ import annotations
@@ -77,6 +80,33 @@ class TokenGrant:
             version=version,
             status=OK,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPage:
+    """One page of /oauth/installedLocations: the ids with the app installed, and how
+    many the upstream says match in all (`count`)."""
+
+    location_ids: tuple[str, ...]
+    listed: int  # entries on this page, installed or not: a short page is the last
+    count: int
+
+
+def _installed_page(body: Mapping[str, Any]) -> InstalledPage:
+    entries = body.get("locations")
+    entries = entries if isinstance(entries, list) else []
+    ids = tuple(
+        str(entry["_id"])
+        for entry in entries
+        if isinstance(entry, dict)
+        and isinstance(entry.get("_id"), str)
+        and entry["_id"]
+        # Filtered upstream already (isInstalled=true); an entry saying false is not one.
+        and entry.get("isInstalled", True) is not False
+    )
+    count = body.get("count")
+    total = int(count) if isinstance(count, int | float) and not isinstance(count, bool) else 0
+    return InstalledPage(location_ids=ids, listed=len(entries), count=total)
 
 
 def parse_grant(body: Mapping[str, Any], *, user_type: str = "") -> TokenGrant:
@@ -154,6 +184,38 @@ class OAuthClient:
         body = await self._post_form("/oauth/locationToken", form, headers=headers)
         grant = parse_grant(body, user_type="Location")
         return grant if grant.location_id else _with_location(grant, location_id, company_id)
+
+    async def installed_locations_page(
+        self, company_access_token: str, company_id: str, app_id: str, *, skip: int, limit: int
+    ) -> InstalledPage:
+        """One page of `GET /oauth/installedLocations` (only the locations with the app
+        installed), sent once."""
+        headers = {
+            "Authorization": f"Bearer {company_access_token}",
+            "Version": LOCATION_TOKEN_VERSION,
+            "Accept": "application/json",
+        }
+        query = {
+            "companyId": company_id,
+            "appId": app_id,
+            "isInstalled": "true",
+            "skip": str(skip),
+            "limit": str(limit),
+        }
+        path = "/oauth/installedLocations"
+        try:
+            async with self._session.get(
+                self._base_url + path, params=query, headers=headers, timeout=self._attempt_timeout
+            ) as answer:
+                body = await _json_body(answer)
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TokenUnavailable(
+                f"{path} could not be reached ({type(exc).__name__}); retry shortly"
+            ) from exc
+        if status >= 500:
+            raise TokenUnavailable(f"{path} answered HTTP {status}; retry shortly")
+        return _installed_page(_classified(status, body, path))
 
     def _client_form(self, app: AppConfig) -> dict[str, str]:
         return {

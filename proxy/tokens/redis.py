@@ -218,6 +218,11 @@ class RedisTokenStore:
             claimed = await self._client.set(claim_key(name), "1", nx=True, px=_ms(ttl_s))
         return bool(claimed)
 
+    async def claimed(self, name: str) -> bool:
+        with _translated():
+            found = await self._client.exists(claim_key(name))
+        return bool(found)
+
     async def close(self) -> None:
         """The client belongs to whoever created it (the app's cleanup context)."""
 

@@ -193,6 +193,9 @@ class SqliteTokenStore:
     async def claim_once(self, name: str, ttl_s: float) -> bool:
         return await self._run(self._claim_once, name, _positive(ttl_s))
 
+    async def claimed(self, name: str) -> bool:
+        return await self._run(self._claimed, name)
+
     async def close(self) -> None:
         await self._run(self._close)
 
@@ -322,6 +325,12 @@ class SqliteTokenStore:
                 (name, now + ttl_s),
             )
             return claimed.rowcount == 1
+
+    def _claimed(self, name: str) -> bool:
+        found = self._conn.execute(
+            "SELECT 1 FROM claims WHERE name = ? AND expires_at > ?", (name, self._clock())
+        ).fetchone()
+        return found is not None
 
 
 @contextmanager

@@ -101,4 +101,10 @@ class TokenStore(Protocol):
         """True the first time `name` is claimed within `ttl_s` seconds (webhook replays)."""
         ...
 
+    async def claimed(self, name: str) -> bool:
+        """Whether `name` is claimed now (by `claim_once`, its TTL not yet over); claims
+        nothing. A webhook delivery is claimed only once it has been acted on, so its
+        handler asks first, under a lock that keeps two replicas from acting at once."""
+        ...
+
     async def close(self) -> None: ...

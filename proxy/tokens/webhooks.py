@@ -12,8 +12,8 @@ Pure functions, no I/O. The webhook handler runs them in this order, on the raw 
 4. ``require_webhook_id(event)``: a delivery without a non-empty ``webhookId`` string
    cannot be told from its replay, so it is refused. Refusing a replay itself is the
    caller's, not this module's: it needs a store shared by every replica, so the caller
-   claims the id once (``claim_once``) and refuses an id already claimed. The freshness
-   window bounds how long a claim must be remembered.
+   (deliveries.py) claims the id once the delivery was acted on and refuses an id already
+   claimed. The freshness window bounds how long a claim must be remembered.
 
 Every refusal is a ``WebhookRejected`` whose ``message`` is one sentence a sender's operator
 can act on; it never quotes a signature or the body.

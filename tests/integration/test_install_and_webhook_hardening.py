@@ -196,12 +196,11 @@ async def test_location_minted_after_the_company_token_is_refused(
 ) -> None:
     """The cached Company token is refused upstream (revoked, or expired early): minting a
     location token refreshes the Company token once and tries again, and the request
-    gets 200 instead of 404."""
+    gets 200 instead of 404. (The install lists no location, so the reconcile at install
+    mints none ahead: mL is minted on first use.)"""
     simulator.state.set_limits({"burst": 100_000})
     proxy = await start_proxy(simulator.url, **ROOMY, **UNSOLICITED)
-    await install_unsolicited(
-        http, proxy.url, simulator, user_type="Company", company_id="coX", approved_locations=["mL"]
-    )
+    await install_unsolicited(http, proxy.url, simulator, user_type="Company", company_id="coX")
     simulator.state.expire_tokens(f"{APP_ID}:company:coX")
     status, body = await managed(http, proxy.url, "mL")
     assert status == 200, body

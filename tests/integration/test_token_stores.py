@@ -206,6 +206,20 @@ async def test_claim_once_is_true_once_per_ttl(store: TokenStore) -> None:
     assert not await store.claim_once("webhook:short", 30)
 
 
+async def test_claimed_reads_a_claim_without_taking_it(store: TokenStore) -> None:
+    """`claimed` is false before a claim (and claims nothing: `claim_once` still wins after
+    it), true while the claim lasts, and false again once its TTL is over."""
+    assert not await store.claimed("webhook:read")
+    assert not await store.claimed("webhook:read")
+    assert await store.claim_once("webhook:read", 30)
+    assert await store.claimed("webhook:read")
+    assert not await store.claimed("webhook:other")
+    assert await store.claim_once("webhook:brief", SHORT_TTL_S)
+    assert await store.claimed("webhook:brief")
+    await asyncio.sleep(PAST_SHORT_TTL_S)
+    assert not await store.claimed("webhook:brief")
+
+
 # -- SQLite only ------------------------------------------------------------------------------
 
 

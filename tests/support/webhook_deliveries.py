@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from multidict import CIMultiDictProxy
 
 from tests.conftest import SIM_CLIENT_ID
 
@@ -49,9 +50,25 @@ async def deliver(
     tamper: bool = False,
 ) -> tuple[int, Any]:
     """POST `payload` signed by `signer` (with `tamper`, altered after signing)."""
+    status, body, _ = await deliver_answer(
+        http, proxy_url, payload, app=app, signer=signer, tamper=tamper
+    )
+    return status, body
+
+
+async def deliver_answer(
+    http: aiohttp.ClientSession,
+    proxy_url: str,
+    payload: dict[str, Any],
+    *,
+    app: str = "main",
+    signer: Ed25519PrivateKey = SIGNER,
+    tamper: bool = False,
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
+    """`deliver`, with the answer's headers too (a deferral's Retry-After)."""
     body = json.dumps(payload).encode()
     signature = base64.b64encode(signer.sign(body)).decode()
     sent = body + b" " if tamper else body
     headers = {"x-ghl-signature": signature, "Content-Type": "application/json"}
     async with http.post(f"{proxy_url}/_proxy/webhooks/{app}", data=sent, headers=headers) as r:
-        return r.status, await r.json()
+        return r.status, await r.json(), r.headers

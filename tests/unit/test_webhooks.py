@@ -1,8 +1,11 @@
-"""HighLevel webhook signatures, payloads and freshness (proxy/tokens/webhooks.py)."""
+"""HighLevel webhook signatures, payloads and freshness (proxy/tokens/webhooks.py), and
+the proxy's own signature on the deliveries it forwards (proxy/tokens/forwarding.py)."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -13,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from multidict import CIMultiDict
 
+from proxy.tokens.forwarding import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from proxy.tokens.webhooks import (
     ED25519,
     RSA,
@@ -433,3 +437,43 @@ def test_check_fresh_needs_an_aware_now() -> None:
     """A naive now is a programming error, not a rejected delivery."""
     with pytest.raises(ValueError, match="timezone-aware"):
         check_fresh(_at("2025-01-01T12:00:00Z"), NOW.replace(tzinfo=None), MAX_AGE_S)
+
+
+# -- the proxy's signature on forwarded deliveries ----------------------------------------
+
+
+def forwarded(secret: str, timestamp: int, body: bytes) -> dict[str, str]:
+    stamp = str(timestamp)
+    return {TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(secret, stamp, body)}
+
+
+def test_forward_signature_is_hmac_sha256_over_timestamp_and_body() -> None:
+    """sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">, as the README tells subscribers."""
+    expected = hmac.new(b"s3", b"1700000000." + BODY, hashlib.sha256).hexdigest()
+    assert sign("s3", "1700000000", BODY) == f"sha256={expected}"
+
+
+@pytest.mark.parametrize(
+    ("change", "accepted"),
+    [
+        ("none", True),
+        ("other secret", False),
+        ("other body", False),
+        ("stale", False),
+        ("future", False),
+        ("timestamp moved", False),
+        ("no timestamp", False),
+    ],
+)
+def test_verify_accepts_only_the_signed_fresh_body(change: str, accepted: bool) -> None:
+    """A subscriber's check: the secret, the exact body and a timestamp within five
+    minutes; a timestamp changed after signing breaks the signature."""
+    now = 1_700_000_000
+    sent_at = {"stale": now - 301, "future": now + 301}.get(change, now)
+    headers = forwarded("other" if change == "other secret" else "s3", sent_at, BODY)
+    if change == "timestamp moved":
+        headers[TIMESTAMP_HEADER] = str(now - 1)
+    if change == "no timestamp":
+        del headers[TIMESTAMP_HEADER]
+    body = BODY + b" " if change == "other body" else BODY
+    assert verify("s3", headers, body, now=now) is accepted
