@@ -1,23 +1,25 @@
-"""The admin listener: `/metrics` (Prometheus), `/status.json` and `/status` (HTML).
+"""The admin listener: `/metrics` (Prometheus), `/status.json`, and `/status` (the live
+dashboard, `proxy.dashboard`, which draws `/status.json`).
 
 It listens on its own address (`admin.host:admin.port`, loopback by default) so it can be
 kept off the callers' network. With `admin.token` set, every admin request needs
-`Authorization: Bearer <token>`. Nothing here shows a token or a caller key: the status
-shows each resource's limits (configured or learned from the upstream), remaining counts,
-daily budget (today's count, the projection for the end of the limit day, near the limit
-at 80%), requests held, the upstream's last rate-limit headers and when the cached access
-token expires. Every value shown on the page is escaped.
+`Authorization: Bearer <token>`, except the dashboard's static page and files, which hold
+no data (a browser's navigation cannot send the header; the page's script sends it).
+Nothing here shows a token or a caller key: the status shows each resource's limits
+(configured or learned from the upstream), remaining counts, daily budget (today's count,
+the projection for the end of the limit day, near the limit at 80%), requests held, the
+upstream's last rate-limit headers, when the cached access token expires, admitted requests
+per second and the upstream's recent 429s.
 """
 
 from __future__ import annotations
 
 import hmac
-import html
-import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy import admin_tokens, dashboard
 from proxy.errors import CallerUnauthenticated
 from proxy.http_errors import answer_errors_as_json
 from proxy.services import SERVICES, Services
@@ -32,7 +34,8 @@ def create_admin_app(main: web.Application) -> web.Application:
     admin[MAIN_APP] = main
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/status.json", status_json)
-    admin.router.add_get("/status", status_page)
+    dashboard.setup(admin)
+    admin_tokens.setup(admin, _services)
     return admin
 
 
@@ -43,7 +46,7 @@ def _services(request: web.Request) -> Services:
 def require_admin_token(request: web.Request) -> None:
     """With `admin.token` set, every admin request needs `Authorization: Bearer <token>`."""
     token = _services(request).config.admin.token
-    if not token:
+    if not token or request.path in dashboard.PUBLIC_PATHS:
         return
     # Bytes that are not UTF-8 arrive as surrogate escapes: encode them, never fail.
     sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -63,8 +66,11 @@ def _resources(services: Services) -> list[dict[str, object]]:
 async def status_json(request: web.Request) -> web.Response:
     services = _services(request)
     limits = services.admission.limits
+    # Keys are only ever added (scripts read this): the board's overall figures (`now`,
+    # the chart's spans, admitted per second and upstream 429s of every resource) too.
     return web.json_response(
         {
+            **services.board.overall(),
             "limits": {
                 "burst": limits.burst,
                 "window_s": limits.window_s,
@@ -72,70 +78,7 @@ async def status_json(request: web.Request) -> web.Response:
                 "mode": "shadow" if services.admission.shadow else "enforce",
             },
             "resources": _resources(services),
-        }
+            "needs_reauth": services.reauth.listing(),
+        },
+        headers={"Cache-Control": "no-store"},
     )
-
-
-HEADINGS = (
-    "app id",
-    "resource",
-    "burst left",
-    "burst limit",
-    "daily left",
-    "daily used",
-    "daily limit",
-    "projected by day end",
-    "limits",
-    "waiting",
-    "upstream remaining",
-    "token expires in",
-    "last seen",
-)
-PAGE_STYLE = "tr.near td{background:#fdd}"
-
-
-async def status_page(request: web.Request) -> web.Response:
-    rows = "".join(status_row(view) for view in _resources(_services(request)))
-    headings = "".join(f"<th>{html.escape(heading)}</th>" for heading in HEADINGS)
-    page = (
-        f"<!doctype html><title>hoopai-proxy status</title><style>{PAGE_STYLE}</style>"
-        "<h1>hoopai-proxy</h1><p>Projected: today's count plus the rate of about the last "
-        "five minutes until the limit day ends. Near limit: 80% of the daily limit used.</p>"
-        f"<table border=1 cellpadding=4><tr>{headings}</tr>{rows}</table>"
-    )
-    return web.Response(text=page, content_type="text/html")
-
-
-def status_row(view: dict[str, object]) -> str:
-    """One row of `/status` from a snapshot row, every cell escaped."""
-    now = time.time()
-    upstream = view["upstream"]
-    remaining = upstream.get("X-RateLimit-Remaining", "-") if isinstance(upstream, dict) else "-"
-    expires = view["token_expires_at"]
-    expires_in = f"{(float(expires) - now) / 60:.0f} min" if isinstance(expires, float) else "-"
-    seen = f"{now - float(str(view['last_seen'])):.0f} s ago"
-    limits = view["limits"]
-    assert isinstance(limits, dict)
-    near = view["near_daily_limit"] is True
-    used = _or_dash(view["daily_used"]) + (" (near limit)" if near else "")
-    cells = [
-        view["app"],
-        f"{view['kind']}:{view['id']}",
-        view["burst_remaining"],
-        f"{limits['burst']} per {limits['window_s']:g} s",
-        view["daily_remaining"],
-        used,
-        limits["daily"],
-        _or_dash(view["daily_projected"]),
-        "learned from upstream" if limits["learned"] else "configured",
-        view["waiting"],
-        remaining,
-        expires_in,
-        seen,
-    ]
-    opening = "<tr class=near>" if near else "<tr>"
-    return opening + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>"
-
-
-def _or_dash(value: object) -> str:
-    return "-" if value is None else str(value)

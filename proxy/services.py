@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
 from proxy.admission import Admission, limits_from
+from proxy.alerts import AlertSender, open_alerts
 from proxy.config import Config, UpstreamConfig
 from proxy.forward import Forwarder
 from proxy.limiter.base import Limiter
@@ -37,13 +38,19 @@ from proxy.redis_client import connect_redis
 from proxy.resolve import Resolver
 from proxy.status import StatusBoard
 from proxy.tokens.deliveries import WebhookReceiver
+from proxy.tokens.forwarding import EventForwarder
 from proxy.tokens.install import InstallFlow
 from proxy.tokens.keepalive import KeepAlive
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.oauth import OAuthClient
+from proxy.tokens.reauth import ReauthWatch
+from proxy.tokens.reconcile import Reconciler
 from proxy.tokens.store import TokenStore
 from proxy.tokens.stores import open_token_store
 from proxy.tokens.webhooks import WebhookKeys
+
+if TYPE_CHECKING:
+    from proxy.tracing import RequestTracing  # loaded only when tracing is on
 
 RedisClient = Redis | RedisCluster
 
@@ -62,9 +69,19 @@ class Services:
     tokens: TokenManager
     admission: Admission
     board: StatusBoard
+    resolver: Resolver
     forwarder: Forwarder
     install: InstallFlow
     webhooks: WebhookReceiver
+    reconciler: Reconciler
+    alerts: AlertSender
+    reauth: ReauthWatch
+
+    def use_config(self, config: Config) -> None:
+        """The config a reload applied (proxy/reloader.py): whoever reads `config` from
+        now on sees it. Only the keys proxy/reload.py lets change in place differ from the
+        one the services were built with; the owners of their state took them already."""
+        object.__setattr__(self, "config", config)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -77,13 +94,15 @@ async def open_services(
     clock: Callable[[], float] = time.time,
     keepalive: bool = True,
     warn_clear: bool = True,
+    tracing: RequestTracing | None = None,
 ) -> AsyncIterator[Services]:
     """Open everything `config` describes; close it all, in reverse, on the way out.
 
     `clock` (wall time) drives token expiry and the limit day; tests move it. `keepalive`
     False runs no background task, neither token refresh nor the limiter's health check
     (the `tokens` commands, tests that drive it by hand); `warn_clear` False skips the
-    warning about tokens stored in clear (commands an operator runs by hand).
+    warning about tokens stored in clear (commands an operator runs by hand). `tracing`
+    (proxy.tracing) gives the forwarder its spans; None, the default, traces nothing.
     """
     async with AsyncExitStack() as stack:
         redis = await connect_redis(config.store) if config.store.redis_url else None
@@ -106,18 +125,34 @@ async def open_services(
         attempt_s = config.upstream.timeout_s + config.upstream.connect_timeout_s
         base_url = config.upstream.base_url
         oauth = OAuthClient(session, base_url, attempt_timeout_s=attempt_s, clock=clock)
+        # Opened before the token manager, so alerts it raises while closing still go out.
+        alerts = await stack.enter_async_context(open_alerts(config.alerts))
+        reauth = ReauthWatch(config, metrics, alerts, clock=clock)
         tokens = TokenManager(
-            store, oauth, config.tokens, metrics=metrics, attempt_s=attempt_s, clock=clock
+            store,
+            oauth,
+            config.tokens,
+            metrics=metrics,
+            attempt_s=attempt_s,
+            clock=clock,
+            reauth=reauth,
         )
         # Refreshes under way may hold the only live pair: let them finish first.
         stack.push_async_callback(tokens.aclose, config.tokens.refresh_lock_ttl_s)
         board = StatusBoard(limits_from(config.limits), clock=clock, metrics=metrics)
+        metrics.watch_daily_remaining(board.least_daily_remaining)
         admission = Admission(
             limiter, config.limits, config.queue, metrics=metrics, board=board, wall_clock=clock
         )
         metrics.pad_seconds.set_function(lambda: admission.pad.pad_s)
         # Slots being given back reach the limiter before it closes.
         stack.push_async_callback(admission.aclose)
+        reconciler = Reconciler(config, store, oauth, tokens, admission, clock=clock)
+        # Reconciles under way use the session, the store and the limiter: cancelled first.
+        stack.push_async_callback(reconciler.aclose)
+        events = EventForwarder(config.webhooks.forward_to, config.webhooks.forward_secret)
+        stack.push_async_callback(events.aclose)
+        resolver = Resolver(config)
         services = Services(
             config=config,
             metrics=metrics,
@@ -129,25 +164,37 @@ async def open_services(
             tokens=tokens,
             admission=admission,
             board=board,
-            forwarder=Forwarder(session, config, Resolver(config), admission, tokens, metrics),
-            install=InstallFlow(config, oauth, tokens),
-            webhooks=_webhook_receiver(config, tokens, store, clock),
+            resolver=resolver,
+            forwarder=Forwarder(
+                session, config, resolver, admission, tokens, metrics, tracing=tracing
+            ),
+            install=InstallFlow(config, oauth, tokens, reconciler),
+            webhooks=_webhook_receiver(config, tokens, store, reconciler, events, clock),
+            reconciler=reconciler,
+            alerts=alerts,
+            reauth=reauth,
         )
         if keepalive:
             by_id = {app.app_id: app for app in config.apps}
-            refresher = KeepAlive(tokens, store, by_id, config.tokens, clock=clock)
+            refresher = KeepAlive(tokens, store, by_id, config.tokens, clock=clock, reauth=reauth)
             await stack.enter_async_context(_running(refresher.run_forever))
+            await stack.enter_async_context(_running(reconciler.run_forever))
             if isinstance(limiter, FallbackLimiter):
                 await stack.enter_async_context(_running(limiter.watch))
         yield services
 
 
 def _webhook_receiver(
-    config: Config, tokens: TokenManager, store: TokenStore, clock: Callable[[], float]
+    config: Config,
+    tokens: TokenManager,
+    store: TokenStore,
+    reconciler: Reconciler,
+    events: EventForwarder,
+    clock: Callable[[], float],
 ) -> WebhookReceiver:
     webhooks = config.webhooks
     keys = WebhookKeys.from_pem(webhooks.ed25519_public_key, webhooks.rsa_public_key)
-    return WebhookReceiver(config, keys, tokens, store, clock=clock)
+    return WebhookReceiver(config, keys, tokens, store, reconciler, events, clock=clock)
 
 
 @asynccontextmanager

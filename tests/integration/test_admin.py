@@ -7,12 +7,14 @@ import asyncio
 import re
 
 import aiohttp
+import pytest
 
 from proxy.admin import create_admin_app
 from proxy.metrics import Metrics
 from proxy.server import bind_socket, start_server
 from proxy.services import SERVICES
 from tests.conftest import SIM_CLIENT_ID
+from tests.support.bursts import install, one_by_one, resource_row, status_json, upstream_429s
 from tests.support.leaks import leaked
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
@@ -42,7 +44,9 @@ async def start_admin(proxy):
 
 async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, http) -> None:
     """After installs, queued, refused and refreshed requests, /metrics counts them and
-    /status.json shows the resource; no token appears in either or in /status."""
+    /status.json shows the resource, with every admitted request (sent, queued and resent)
+    in its per-second counts and in the total; no token appears in either or in /status
+    (the dashboard's page, which holds no data)."""
     simulator.state.set_limits({"burst": 100_000})
     proxy = await start_proxy(
         simulator.url,
@@ -98,12 +102,17 @@ async def test_metrics_and_status_describe_the_traffic(simulator, start_proxy, h
     assert (view["app"], view["kind"], view["id"]) == (APP_ID, "location", LOCATION)
     assert view["waiting"] == 0 and view["token_expires_at"] is not None
     assert "X-RateLimit-Remaining" in view["upstream"]
-    assert f"location:{LOCATION}" in page
+    admitted = decisions["sent"] + decisions["queued"]
+    assert sum(count for _, count in view["admitted_per_s"]) == admitted
+    assert sum(count for _, count in status["admitted_per_s"]) == admitted
+    assert view["upstream_429s"] == 0 and status["upstream_429s"] == 0
+    assert 'src="status/dashboard.js"' in page and LOCATION not in page
     assert leaked([text, str(status), page], simulator.state.tokens.issued()) == []
 
 
 async def test_admin_token_is_required_when_set(simulator, start_proxy, http) -> None:
-    """With admin.token set, admin requests without the bearer get 401, with it 200."""
+    """With admin.token set, admin requests without the bearer get 401, with it 200; only
+    the dashboard's static page and files (no data in them) are served without it."""
     proxy = await start_proxy(simulator.url, admin={"host": "127.0.0.1", "token": "s3cret-adm1n"})
     admin = await start_admin(proxy)
     try:
@@ -115,6 +124,13 @@ async def test_admin_token_is_required_when_set(simulator, start_proxy, http) ->
         right = {"Authorization": "Bearer s3cret-adm1n"}
         async with http.get(f"{admin.url}/metrics", headers=right) as answer:
             assert answer.status == 200
+        async with http.get(f"{admin.url}/status.json", headers=right) as answer:
+            assert answer.status == 200
+        for path in ("/status", "/status/dashboard.js", "/status/dashboard.css"):
+            async with http.get(f"{admin.url}{path}") as answer:
+                assert answer.status == 200, path
+                assert "script-src 'self'" in answer.headers["Content-Security-Policy"]
+                assert "s3cret-adm1n" not in await answer.text()
     finally:
         await admin.stop()
 
@@ -126,3 +142,24 @@ async def test_serve_runs_the_admin_listener(simulator, spawn_proxy) -> None:
     async with aiohttp.ClientSession() as http, http.get(f"{proxy.admin_url}/metrics") as answer:
         assert answer.status == 200
         assert metric(await answer.text(), "hoopai_proxy_limiter_degraded") == 0
+
+
+@pytest.mark.slow
+async def test_status_counts_the_upstreams_429s(simulator, start_proxy, http) -> None:
+    """Requests that bypassed the proxy filled the upstream's window, so the proxy's
+    request meets a 429 (and is resent once the window allows: 200). /status.json counts
+    the 429s for the resource and in total, as many as the simulator refused."""
+    simulator.state.set_limits({"burst": 3, "interval_ms": 1000, "window": "sliding"})
+    token, resource = install(simulator, "admin429Loc")
+    proxy = await start_proxy(
+        simulator.url,
+        limits={"burst": {"requests": 3, "interval_ms": 1000}},
+        queue={"max_wait_ms": 5000},
+    )
+    assert await one_by_one(http, simulator.url, token, 3) == [200] * 3
+    assert await one_by_one(http, proxy.url, token, 1) == [200]
+    refused = upstream_429s(simulator, resource)
+    status = await status_json(http, proxy)
+    view = resource_row(status, "admin429Loc")
+    assert refused >= 1
+    assert view["upstream_429s"] == refused == status["upstream_429s"]

@@ -77,7 +77,7 @@ async def test_stricter_upstream_limits_are_followed(
     token, resource = install(simulator, f"down{backend}")
     proxy = await start_proxy(simulator.url, **limits(20, W_MS, **store_for(backend, request)))
     outcomes = await at_once(http, [proxy.url], token, 30)
-    status, page = await read_status(http, proxy)
+    status, _ = await read_status(http, proxy)
     row = resource_row(status, f"down{backend}")
     print(
         f"\n[{backend}] learn down, upstream 10/2 s, configured 20/2 s, 30 at once: "
@@ -91,7 +91,6 @@ async def test_stricter_upstream_limits_are_followed(
     assert decisions(proxy) == {"sent": 10, "queued": 20}
     assert row["limits"] == {"burst": 10, "window_s": 2.0, "daily": 200_000, "learned": True}
     assert row["upstream"]["X-RateLimit-Max"] == "10"
-    assert "<td>10 per 2 s</td>" in page and "<td>learned from upstream</td>" in page
     assert len(lines(caplog, FOLLOW, LEARNED_HERE)) == 1
     assert lines(caplog, CONFIGURED_AGAIN) == []
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-from proxy.admin import status_row
 from proxy.limiter.base import Decision, Limits
 from proxy.metrics import Metrics
 from proxy.status import StatusBoard
@@ -44,7 +43,7 @@ def sample(metrics: Metrics, name: str) -> float | None:
 
 
 def test_todays_count_is_the_limit_less_the_remaining_and_near_from_80_percent() -> None:
-    """799 of 1,000 used is not near the limit; 800 is, on the page as well."""
+    """799 of 1,000 used is not near the limit; 800 is."""
     board = StatusBoard(CONFIGURED, clock=ManualClock())
     board.decided(KEY, decision(201, 3600))
     before = row(board)
@@ -53,7 +52,6 @@ def test_todays_count_is_the_limit_less_the_remaining_and_near_from_80_percent()
     after = row(board)
     assert (after["daily_used"], after["near_daily_limit"]) == (800, True)
     assert after["limits"] == {"burst": 100, "window_s": 10.0, "daily": 1000, "learned": False}
-    assert "800 (near limit)" in status_row(after) and "configured" in status_row(after)
 
 
 def test_projection_is_the_count_plus_the_rate_until_the_day_ends() -> None:
@@ -113,7 +111,6 @@ def test_a_new_limit_day_starts_afresh() -> None:
         None,
         False,
     )
-    assert "<td>-</td>" in status_row(ended)
     assert sample(metrics, "hoopai_proxy_daily_near_limit_resources") == 0
     assert sample(metrics, "hoopai_proxy_daily_use_max_ratio") == 0
     board.decided(KEY, decision(995, 86_400))
@@ -156,7 +153,6 @@ def test_learned_limits_are_shown_and_todays_count_stays() -> None:
     assert learned["limits"] == {"burst": 50, "window_s": 5.0, "daily": 120, "learned": True}
     assert (learned["daily_used"], learned["daily_remaining"]) == (100, 20)
     assert learned["near_daily_limit"] is True  # 100 of 120
-    assert "50 per 5 s" in status_row(learned) and "learned from upstream" in status_row(learned)
     assert row(board, OTHER)["limits"] == {
         "burst": 100,
         "window_s": 10.0,
@@ -208,13 +204,3 @@ def test_local_decisions_leave_the_days_count() -> None:
     )
     assert sample(metrics, "hoopai_proxy_daily_near_limit_requests_total") == 2
 
-
-def test_every_cell_of_the_page_is_escaped() -> None:
-    """An id, a header value or an app id with markup in it is shown as text."""
-    board = StatusBoard(CONFIGURED, clock=ManualClock())
-    key = ResourceKey("<i>app</i>", "location", "<script>x()</script>&")
-    board.decided(key, decision(900, 3600))
-    board.answered(key, {"X-RateLimit-Remaining": "<b>5</b>"})
-    page = status_row(row(board, key))
-    assert "<script>" not in page and "<b>" not in page and "<i>" not in page
-    assert "&lt;script&gt;x()&lt;/script&gt;&amp;" in page and "&lt;b&gt;5&lt;/b&gt;" in page
