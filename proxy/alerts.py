@@ -1,22 +1,21 @@
 """Outgoing alerts: a signed JSON POST to `alerts.webhook_url`, delivered in the background.
 
-The body is compact JSON; `X-HoopAI-Signature: sha256=<hex>` is the HMAC-SHA256 of the
-raw body under `alerts.secret`, and `X-HoopAI-Timestamp` the epoch second it was made,
-which the body repeats as `time` (so the signed part carries it: a receiver can refuse
-old or replayed alerts). Delivery never holds up whoever raised the alert: each one is a
-task of its own. A network error, a timeout (`alerts.timeout_s` per attempt), a 429 or a
-5xx is tried again after a pause that doubles from `BACKOFF_S` (at most `MAX_BACKOFF_S`),
-up to `alerts.attempts` attempts in all; any other answer ends it (a 2xx delivered it).
-The URL is never logged whole: chat webhooks carry their secret in the path, so log lines
-name only its origin. On close, deliveries under way get `alerts.timeout_s` to finish.
+The body is compact JSON, signed under `alerts.secret` as everything the proxy sends to
+people's endpoints is (`proxy.signing`: HMAC-SHA256 of `<timestamp>.<body>`); the
+timestamp is the second the alert was made, which the body repeats as `time`, so every
+attempt of one alert is the same message and a receiver can refuse old or replayed ones.
+Delivery never holds up whoever raised the alert: each one is a task of its own. A
+network error, a timeout (`alerts.timeout_s` per attempt), a 429 or a 5xx is tried again
+after a pause that doubles from `BACKOFF_S` (at most `MAX_BACKOFF_S`), up to
+`alerts.attempts` attempts in all; any other answer ends it (a 2xx delivered it). The URL
+is never logged whole: chat webhooks carry their secret in the path, so log lines name
+only its origin. On close, deliveries under way get `alerts.timeout_s` to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -27,20 +26,14 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from proxy.config import AlertsConfig
+from proxy.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-HoopAI-Signature"
-TIMESTAMP_HEADER = "X-HoopAI-Timestamp"
 BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
 Outcome = Literal["delivered", "retry", "refused"]
-
-
-def sign(secret: str, body: bytes) -> str:
-    """The signature header's value for `body`: `sha256=` and the hex HMAC-SHA256."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def backoff_s(attempt: int, base_s: float = BACKOFF_S) -> float:
@@ -99,10 +92,11 @@ class AlertSender:
 
     async def _deliver(self, event: dict[str, object], about: str) -> None:
         body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+        timestamp = str(event.get("time", ""))
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(self._config.secret, body),
-            TIMESTAMP_HEADER: str(event.get("time", "")),
+            SIGNATURE_HEADER: sign(self._config.secret, timestamp, body),
+            TIMESTAMP_HEADER: timestamp,
         }
         attempts = self._config.attempts
         for attempt in range(1, attempts + 1):

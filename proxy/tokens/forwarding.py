@@ -10,7 +10,7 @@ its body byte for byte as HighLevel sent it, with these headers:
     X-HoopAI-Webhook-Id: <the delivery's webhookId>
     X-HoopAI-Event-Type: <the delivery's type>
 
-so a subscriber checks one shared secret (`verify` below, or the copy in the README)
+so a subscriber checks one shared secret (`proxy.signing.verify`, or the copy in the README)
 instead of HighLevel's public-key signatures. Forwarding runs in the background: the
 answer to HighLevel never waits for a subscriber, and a subscriber that is down changes
 nothing for HighLevel (the proxy has acted on the delivery; asking HighLevel to send it
@@ -24,44 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 from yarl import URL
 
+from proxy.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
+
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-HoopAI-Signature"
-TIMESTAMP_HEADER = "X-HoopAI-Timestamp"
+__all__ = ["SIGNATURE_HEADER", "TIMESTAMP_HEADER", "EventForwarder", "sign", "verify"]
+
 WEBHOOK_ID_HEADER = "X-HoopAI-Webhook-Id"
 EVENT_TYPE_HEADER = "X-HoopAI-Event-Type"
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # six attempts over about a quarter minute
 ATTEMPT_TIMEOUT_S = 10.0
 CLOSE_GRACE_S = 5.0
 _RETRIED = frozenset({408, 425, 429})
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The `X-HoopAI-Signature` value for `body` sent at `timestamp`."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def verify(
-    secret: str, headers: Mapping[str, str], body: bytes, *, now: float, max_age_s: float = 300
-) -> bool:
-    """Whether a forwarded delivery is the proxy's and fresh (what a subscriber checks)."""
-    timestamp = headers.get(TIMESTAMP_HEADER, "")
-    signature = headers.get(SIGNATURE_HEADER, "")
-    try:
-        fresh = abs(now - int(timestamp)) <= max_age_s
-    except ValueError:
-        return False
-    return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
 class EventForwarder:

@@ -125,7 +125,8 @@ def gauge(text: str, app: str = "main") -> float | None:
 
 def check_signed(headers: dict[str, str], body: bytes) -> dict[str, Any]:
     """The alert's JSON, after checking its HMAC-SHA256 signature and timestamp header."""
-    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    signed = headers["X-HoopAI-Timestamp"].encode() + b"." + body
+    expected = "sha256=" + hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
     assert hmac.compare_digest(headers["X-HoopAI-Signature"], expected)
     event: dict[str, Any] = json.loads(body)
     assert headers["X-HoopAI-Timestamp"] == str(event["time"])
