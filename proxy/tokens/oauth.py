@@ -205,7 +205,11 @@ class OAuthClient:
         path = "/oauth/installedLocations"
         try:
             async with self._session.get(
-                self._base_url + path, params=query, headers=headers, timeout=self._attempt_timeout
+                self._base_url + path,
+                params=query,
+                headers=headers,
+                timeout=self._attempt_timeout,
+                allow_redirects=False,  # see _post_form
             ) as answer:
                 body = await _json_body(answer)
                 status = answer.status
@@ -241,8 +245,15 @@ class OAuthClient:
             if attempt > 0 and start_by is not None and time.monotonic() > start_by:
                 break  # the first attempt always fits: config makes the lock long enough
             try:
+                # Never follow a redirect: a 307/308 would post the client secret and the
+                # refresh token wherever it points, and each hop is one more send upstream
+                # that no decision paid for. A 3xx is a refusal like any other.
                 async with self._session.post(
-                    self._base_url + path, data=form, headers=headers, timeout=self._attempt_timeout
+                    self._base_url + path,
+                    data=form,
+                    headers=headers,
+                    timeout=self._attempt_timeout,
+                    allow_redirects=False,
                 ) as answer:
                     body = await _json_body(answer)
                     if answer.status < 500:
