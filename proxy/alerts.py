@@ -15,7 +15,7 @@ only its origin. On close, deliveries under way get `alerts.timeout_s` to finish
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -72,7 +72,9 @@ class AlertSender:
         if not self.enabled:
             return
         self.accepted += 1
-        task = asyncio.create_task(self._deliver(dict(event), about))
+        # A context of its own: the request that met the dead token must not label the
+        # delivery's lines (it is long answered by then).
+        task = asyncio.create_task(self._deliver(dict(event), about), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -84,9 +86,7 @@ class AlertSender:
         _, late = await asyncio.wait(pending, timeout=self._config.timeout_s)
         for task in late:
             task.cancel()
-        for task in late:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*late, return_exceptions=True)  # a cancel of this close propagates
         if late:
             log.warning("%d alert(s) to %s not delivered before shutdown", len(late), self._origin)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,9 @@ EVENT_TYPE_HEADER = "X-HoopAI-Event-Type"
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # six attempts over about a quarter minute
 ATTEMPT_TIMEOUT_S = 10.0
 CLOSE_GRACE_S = 5.0
+# Forwards under way at once: each lives up to about 75 s while a subscriber is down, and a
+# bulk install sends one delivery per location. Beyond this, a forward is dropped (logged).
+MAX_PENDING = 1000
 _RETRIED = frozenset({408, 425, 429})
 
 
@@ -76,7 +80,18 @@ class EventForwarder:
         accepted (2xx), False when given up."""
         tasks = []
         for url in self._urls:
-            task = asyncio.create_task(self._deliver(url, body, webhook_id, event_type))
+            if len(self._pending) >= MAX_PENDING:
+                log.warning(
+                    "not forwarding webhook %s to %s: %d forwards already pending",
+                    webhook_id,
+                    _where(url),
+                    len(self._pending),
+                )
+                continue
+            # A context of its own: the delivery's request id must not label the retries.
+            task = asyncio.create_task(
+                self._deliver(url, body, webhook_id, event_type), context=contextvars.Context()
+            )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             tasks.append(task)

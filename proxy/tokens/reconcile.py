@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -120,6 +121,11 @@ class Reconciler:
 
     # -- entry points ----------------------------------------------------------------------
 
+    @property
+    def running(self) -> int:
+        """Background reconciles under way in this process."""
+        return sum(not task.done() for task in self._tasks.values())
+
     def schedule(self, app: AppConfig, company_id: str) -> asyncio.Task[Reconciled]:
         """Reconcile the Company in the background. Asked again while one runs, it runs
         once more after it (the running one may have listed before the change)."""
@@ -128,7 +134,9 @@ class Reconciler:
         if running is not None and not running.done():
             self._again.add(key)
             return running
-        task = asyncio.create_task(self._in_background(app, key))
+        # A context of its own: the request that asked (a webhook) is long answered, and
+        # its id must not label the reconcile's lines (nor those of later passes).
+        task = asyncio.create_task(self._in_background(app, key), context=contextvars.Context())
         self._tasks[key] = task
         task.add_done_callback(lambda done: self._forget_task(key, done))
         return task
@@ -194,9 +202,8 @@ class Reconciler:
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Their outcomes are settled here; a cancel of this close itself still propagates.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- a reconcile under its lock --------------------------------------------------------
 
@@ -248,7 +255,14 @@ class Reconciler:
                     log.warning("could not mint location %s: %s", location_id, exc.message)
 
         workers = min(len(missing), keepalive_concurrency(self._config.tokens))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        # A TaskGroup, not gather: when one worker stops the pass, the others are cancelled
+        # before the caller releases the reconcile lock (gather would leave them minting).
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(worker())
+        except BaseExceptionGroup as failed_group:
+            raise failed_group.exceptions[0] from None
         return minted, failed, unfinished
 
     async def _mint(
@@ -377,8 +391,13 @@ class Reconciler:
     def _forget_task(self, key: ResourceKey, done: asyncio.Task[Reconciled]) -> None:
         if self._tasks.get(key) is done:
             del self._tasks[key]
-        if not done.cancelled():
-            done.exception()  # seen: nobody may be waiting for it
+        if done.cancelled():
+            return
+        # `_in_background` answers the proxy's own errors: anything else is a bug, and
+        # nobody may be waiting for the task to hear of it.
+        error = done.exception()
+        if error is not None:
+            log.error("reconcile of %s failed", key.tag, exc_info=error)
 
 
 def _retry_after_s(error: RateLimited) -> float:
