@@ -10,9 +10,8 @@ They run proxy/tokens/operations.py, as the command line does, and sit behind th
 listener's token check like every admin route. Answers are JSON; errors are the proxy's
 JSON errors, saying what to send instead. A refresh of a dead refresh token answers 409
 `reauthorization_required` rather than the 401 a forwarded request gets: on this listener
-a 401 means the admin token was wrong. A request that changes a token and carries an
-`Origin` other than this listener's own is refused (403): a web page must not be able to
-make an operator's browser refresh or delete tokens on a loopback listener with no token.
+a 401 means the admin token was wrong. Cross-site and DNS-rebinding requests are refused
+for every admin route by the listener's own guard (`proxy.admin.guard_admin_request`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.config import AppConfig, Config
-from proxy.errors import BadRequest, NotFound, NoToken, ReauthorizationRequired, ResourceForbidden
+from proxy.errors import BadRequest, NotFound, NoToken, ReauthorizationRequired
 from proxy.http_errors import error_body
 from proxy.services import Services
 from proxy.tokens import operations
@@ -76,7 +75,6 @@ async def show_token(request: web.Request) -> web.Response:
 
 
 async def refresh_token(request: web.Request) -> web.Response:
-    _refuse_cross_site(request)
     services = _services(request)
     app, kind, resource_id = _resource(request, services.config)
     try:
@@ -93,7 +91,6 @@ async def refresh_token(request: web.Request) -> web.Response:
 
 
 async def delete_token(request: web.Request) -> web.Response:
-    _refuse_cross_site(request)
     services = _services(request)
     app, kind, resource_id = _resource(request, services.config)
     try:
@@ -133,15 +130,6 @@ def _resource(request: web.Request, config: Config) -> tuple[AppConfig, Resource
 
 def _unknown(exc: NoToken) -> NoToken:
     return NoToken(f"{exc.message}: GET /tokens lists the stored resources")
-
-
-def _refuse_cross_site(request: web.Request) -> None:
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
-        raise ResourceForbidden(
-            "Token changes are not taken from another site's page (this request carried an "
-            "Origin header): send it from a script or curl, without Origin"
-        )
 
 
 def _json(view: TokenView, config: Config, now: float) -> dict[str, object]:
