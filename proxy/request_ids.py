@@ -1,10 +1,12 @@
 """Request ids: which id a request carries, and the context variable that carries it.
 
 A request's id is the caller's `X-Request-Id` when that is printable ASCII of at most
-`MAX_LENGTH` characters; else the trace id of a valid W3C `traceparent`; else a new one,
-32 lowercase hex digits (the shape of a trace id, so tracing can use it as one). A caller's
-id that fails the check is replaced, never echoed: it may be a header injection attempt or
-a secret pasted into the wrong header.
+`MAX_LENGTH` characters and does not look like a credential; else the trace id of a valid
+W3C `traceparent`; else a new one, 32 lowercase hex digits (the shape of a trace id, so
+tracing can use it as one). A caller's id that fails the check is replaced, never echoed:
+it may be a header injection attempt, or a token pasted into the wrong header (a
+HighLevel JWT, a `pit-` private integration token, a `Bearer ...` value), which must not
+reach the log, the traces or the upstream.
 
 The id is chosen once, at the edge (`http_errors.answer_errors_as_json`), set in
 `CURRENT` for everything that runs for the request (log records from the token manager or
@@ -48,8 +50,21 @@ def choose_request_id(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
 
 
 def acceptable(request_id: str) -> bool:
-    """Whether a caller's id may be kept and echoed: 1 to MAX_LENGTH printable ASCII."""
-    return 0 < len(request_id) <= MAX_LENGTH and request_id.isascii() and request_id.isprintable()
+    """Whether a caller's id may be kept and echoed: 1 to MAX_LENGTH printable ASCII that
+    does not look like a credential."""
+    return (
+        0 < len(request_id) <= MAX_LENGTH
+        and request_id.isascii()
+        and request_id.isprintable()
+        and not _looks_like_a_credential(request_id)
+    )
+
+
+def _looks_like_a_credential(value: str) -> bool:
+    """A JWT (its header starts `eyJ`, base64 of `{"`), a private integration token or an
+    Authorization value."""
+    lowered = value.lower()
+    return "eyj" in lowered or lowered.startswith(("pit-", "bearer"))
 
 
 def trace_id_of(traceparent: str) -> str | None:

@@ -115,12 +115,12 @@ async def test_trace_id_of_traceparent_is_the_id(simulator, start_proxy, http, l
 
 @pytest.mark.parametrize(
     "sent",
-    ["y" * 201, "tab\there", "caf\u00e9-42", ""],
-    ids=["too-long", "control-character", "not-ascii", "empty"],
+    ["y" * 201, "tab\there", "caf\u00e9-42", "", "pit-0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"],
+    ids=["too-long", "control-character", "not-ascii", "empty", "a-pit-token"],
 )
 async def test_unacceptable_id_is_replaced(simulator, start_proxy, http, log_lines, sent) -> None:
-    """An X-Request-Id that is too long, not printable ASCII or empty is replaced by a new
-    id: the caller's value reaches neither the upstream nor the answer nor the log."""
+    """An X-Request-Id that is too long, not printable ASCII, empty or a token is replaced
+    by a new id: the caller's value reaches neither the upstream nor the answer nor the log."""
     proxy = await start_proxy(simulator.url)
     answered, seen = await echoed(
         http, f"{proxy.url}/_sim/echo/replaced", {**CALLER, "X-Request-Id": sent}

@@ -48,10 +48,16 @@ def test_trace_id_of_traceparent(traceparent: str, expected: str | None) -> None
         ("new\nline", False),
         ("caf\u00e9", False),
         ("del\x7f", False),
+        ("eyJhbGciOiJSUzI1NiJ9.eyJhdXRoQ2xhc3MiOiJMb2NhdGlvbiJ9.c2ln", False),
+        ("retry-of-eyJhbGciOiJSUzI1NiJ9", False),
+        ("pit-4f1e2d3c-aaaa-bbbb-cccc-0123456789ab", False),
+        ("Bearer abc123", False),
+        ("pitstop-7", True),
     ],
 )
 def test_acceptable_caller_ids(value: str, ok: bool) -> None:
-    """A caller's id is kept when it is 1 to 200 printable ASCII characters."""
+    """A caller's id is kept when it is 1 to 200 printable ASCII characters that do not
+    look like a credential (a JWT, a pit- token, a Bearer value)."""
     assert acceptable(value) is ok
 
 
