@@ -376,14 +376,18 @@ class WebhooksConfig:
     # delivery only after a 429.
     retry_after_s: int = field(default=60, metadata=_rule(_POSITIVE))
     # Verified deliveries are passed on to these URLs, signed with forward_secret.
-    forward_to: tuple[str, ...] = field(default=(), metadata={"item": _redirect_uri})
+    # Hook URLs often carry their own secret in the path: shown as their origin only.
+    forward_to: tuple[str, ...] = field(
+        default=(), repr=False, metadata={"item": _redirect_uri}
+    )
     forward_secret: str = field(default="", repr=False, metadata=_rule(_text))
 
 
 @dataclass(frozen=True, slots=True)
 class AlertsConfig:
     # Where a signed JSON POST goes when a resource needs reauthorization (empty: none).
-    webhook_url: str = field(default="", metadata=_rule(_optional_url))
+    # Chat and automation hooks carry their secret in the path: shown as the origin only.
+    webhook_url: str = field(default="", repr=False, metadata=_rule(_optional_url))
     # The HMAC-SHA256 key of the X-HoopAI-Signature header.
     secret: str = field(default="", repr=False, metadata=_rule(_text))
     timeout_s: float = field(default=10.0, metadata=_rule(_seconds))
@@ -535,7 +539,7 @@ def _value(
     items = (
         _build(item_hint, item, f"{key}[{i}]", environ)
         if _is_section(item_hint)
-        else _scalar(f.metadata.get("item", _text), item, f"{key}[{i}]", False, environ)
+        else _scalar(f.metadata.get("item", _text), item, f"{key}[{i}]", not f.repr, environ)
         for i, item in enumerate(raw)
     )
     return _checked(f.metadata.get("check"), tuple(items), key, secret=False)
@@ -722,6 +726,18 @@ def describe_config(config: Config) -> str:
     return yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True)
 
 
+_URLS_WITH_SECRETS = ("webhook_url", "forward_to")
+
+
+def _origin_only(url: str) -> str:
+    """Where a URL points, without what may be secret in it (userinfo, path, query)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}/***"
+
+
 def _plain(value: object) -> object:
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
@@ -733,7 +749,13 @@ def _plain(value: object) -> object:
     }
 
 
-def _mask(name: str, value: str) -> str:
+def _mask(name: str, value: object) -> object:
+    if isinstance(value, tuple):
+        return [_mask(name, item) for item in value]
+    if not isinstance(value, str):
+        return "***"
+    if name in _URLS_WITH_SECRETS:
+        return _origin_only(value)
     if name != "redis_url":
         return "***" if value else ""
     # Hide only the password, in the userinfo or in a ?password= query (unix:// URLs).

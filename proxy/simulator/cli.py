@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -92,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=_app,
         metavar="CLIENT_ID:SECRET",
-        help="an OAuth app (repeatable; replaces the default app)",
+        help="an OAuth app (repeatable; replaces the default app). The secret shows in "
+        f"ps: prefer {APPS_VARIABLE}=CLIENT_ID:SECRET[,...] in the environment",
     )
     parser.add_argument(
         "--arrival-delay-ms",
@@ -107,7 +109,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
+APPS_VARIABLE = "HOOPAI_SIM_APPS"
+
+
+def apps_from(args: argparse.Namespace, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The apps of `--app` and of HOOPAI_SIM_APPS (comma-separated CLIENT_ID:SECRET): the
+    variable keeps a secret out of the command line, where `ps` shows it to any user."""
+    apps = list(args.apps or [])
+    listed = environ.get(APPS_VARIABLE, "").strip()
+    for item in filter(None, (part.strip() for part in listed.split(","))):
+        try:
+            apps.append(_app(item))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{APPS_VARIABLE}: each app {exc}") from None
+    return apps
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> SimulatorConfig:
     config = SimulatorConfig(
         burst=args.burst,
         interval_ms=args.interval_ms,
@@ -116,8 +136,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         access_token_lifetime_s=args.token_lifetime_s,
         seed=args.seed,
     )
-    if args.apps:
-        config.apps = dict(args.apps)
+    apps = apps_from(args, environ or {})
+    if apps:
+        config.apps = dict(apps)
     return config
 
 
@@ -154,7 +175,7 @@ async def serve(
 def run(args: argparse.Namespace) -> int:
     """Run the simulator from parsed arguments; the process exit code."""
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, os.environ)
     except ValueError as exc:
         print(f"hoopai simulator: {exc}", file=sys.stderr)
         return 2

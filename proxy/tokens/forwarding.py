@@ -164,7 +164,9 @@ class EventForwarder:
 
 
 def _where(url: str) -> str:
-    """The URL without credentials or query (either may carry a subscriber's token)."""
+    """The URL's origin: hook URLs carry their secret in the userinfo, path or query."""
     with contextlib.suppress(ValueError):
-        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
+        parts = URL(url)
+        if parts.host:
+            return f"{parts.scheme}://{parts.host}:{parts.port}"
     return "subscriber"

@@ -8,6 +8,7 @@ way compose expands them, with sample values for the variables compose requires.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import dataclasses
 import hashlib
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from proxy.config import Config, load_config
+from proxy.simulator.cli import apps_from
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -303,7 +305,8 @@ def test_stop_grace_outlasts_a_held_request() -> None:
 
 def test_the_simulator_profile_serves_what_the_replicas_are_pointed_at() -> None:
     """The simulator runs only under the sim profile, listens (and is published) on the
-    port of the URL the replicas are told to use, and accepts the replicas' app."""
+    port of the URL the replicas are told to use, and accepts the replicas' app, given in
+    its environment (as the simulator reads it), never on its command line."""
     simulator = compose()["services"]["simulator"]
     assert simulator["profiles"] == ["sim"]
     url = urlsplit(SIM_UPSTREAM)
@@ -311,8 +314,10 @@ def test_the_simulator_profile_serves_what_the_replicas_are_pointed_at() -> None
     assert command_option(simulator, "--host") == "0.0.0.0"
     assert int(command_option(simulator, "--port")) == url.port
     assert target_ports(simulator) == {url.port}
-    app = f"{SAMPLE_ENV['HOOPAI_CLIENT_ID']}:{SAMPLE_ENV['HOOPAI_CLIENT_SECRET']}"
-    assert command_option(simulator, "--app") == app
+    client = (SAMPLE_ENV["HOOPAI_CLIENT_ID"], SAMPLE_ENV["HOOPAI_CLIENT_SECRET"])
+    environment = {name: str(value) for name, value in simulator["environment"].items()}
+    assert apps_from(argparse.Namespace(apps=None), environment) == [client]
+    assert client[1] not in str(simulator["command"])  # `ps` shows a command line
 
 
 def test_prometheus_scrapes_each_replicas_admin_port_with_the_admin_token() -> None:

@@ -495,6 +495,28 @@ def test_describe_masks_only_the_redis_password(url: str, shown: str) -> None:
     assert yaml.safe_load(describe_config(config))["store"]["redis_url"] == shown
 
 
+def test_hook_urls_show_only_their_origin() -> None:
+    """Alert and forward URLs may carry a secret in their path, userinfo or query:
+    describe_config shows their origin only, and a bad one is never quoted."""
+    config = parse_config(
+        doc(
+            webhooks={
+                "forward_to": ["https://user:pw@hooks.example.com:8443/catch/S3CRET?k=Q"],
+                "forward_secret": "k",
+            },
+            alerts={"webhook_url": "https://chat.example.com/services/T0/B0/S3CRET", "secret": "z"},
+        ),
+        {},
+    )
+    text = describe_config(config)
+    assert "S3CRET" not in text and "pw" not in text
+    described = yaml.safe_load(text)
+    assert described["webhooks"]["forward_to"] == ["https://hooks.example.com:8443/***"]
+    assert described["alerts"]["webhook_url"] == "https://chat.example.com/***"
+    message = error(doc(alerts={"webhook_url": "ftp://host/S3CRET", "secret": "z"}))
+    assert message.startswith("alerts.webhook_url:") and "S3CRET" not in message
+
+
 def test_describe_shows_empty_secrets_as_empty() -> None:
     """An unset secret is described as "", so an operator sees it is missing."""
     described = yaml.safe_load(describe_config(parse_config(doc(), {})))
