@@ -6,25 +6,21 @@ the simulator's /oauth/installedLocations answers as HighLevel's spec says."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
-import json
-import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.harness.redis_server import RedisServer
-from proxy.logs import JsonLinesHandler
 from proxy.server import RunningServer
 from proxy.services import SERVICES, Services
 from proxy.simulator.client import SimulatorClient
 from proxy.tokens.reconcile import Reconciler
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
+from tests.support.json_logs import json_log_lines
 from tests.support.webhook_deliveries import (
     APP_ID,
     PUBLIC_PEM,
@@ -44,27 +40,6 @@ async def location_ids(proxy: RunningServer) -> set[str]:
     """The locations whose token the proxy's store holds (what `tokens list` shows)."""
     records = await services_of(proxy).token_store.list()
     return {record.id for record in records if record.kind == "location"}
-
-
-@contextlib.contextmanager
-def json_log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    """The JSON lines the proxy's handler writes (INFO and up) meanwhile, as dicts."""
-    stream = io.StringIO()
-    handler = JsonLinesHandler(stream)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-    def lines() -> list[dict[str, Any]]:
-        handler.flush()
-        return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-    try:
-        yield lines
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 async def no_reconcile_running(proxy: RunningServer) -> bool:

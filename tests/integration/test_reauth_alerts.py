@@ -12,12 +12,10 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.admin import create_admin_app
 from proxy.server import RunningServer, bind_socket, start_server
@@ -25,6 +23,7 @@ from proxy.services import SERVICES, Services
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
 from tests.support.leaks import leaked
+from tests.support.receivers import Receiver, running_receiver
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "reauthLoc01"
@@ -33,33 +32,11 @@ SECRET = "alert-signing-secret"
 INSTALL_URL = "http://localhost:8080/_proxy/oauth/start?app=main"
 
 
-@dataclass
-class Receiver:
-    """A real HTTP server taking alerts: answers the scripted statuses in turn (then 200)
-    and keeps every request it got."""
-
-    url: str = ""
-    statuses: list[int] = field(default_factory=list)
-    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.got.append((dict(request.headers), await request.read()))
-        return web.Response(status=self.statuses.pop(0) if self.statuses else 200)
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    taker = Receiver()
-    app = web.Application()
-    app.router.add_post("/hooks/reauth", taker.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    taker.url = f"http://{host}:{port}/hooks/reauth"
-    yield taker
-    await runner.cleanup()
+    """A real server standing for the operator's alert endpoint."""
+    async with running_receiver("/hooks/reauth") as taker:
+        yield taker
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +158,7 @@ async def test_a_dead_refresh_token_is_reported_once_everywhere(
         "id": LOCATION,
         "install_url": INSTALL_URL,
     }
-    [(headers, raw)] = receiver.got
+    [(headers, raw, _)] = receiver.received
     event = check_signed(headers, raw)
     assert event == {
         "event": "needs_reauth",
@@ -224,9 +201,9 @@ async def test_an_alert_is_retried_until_the_receiver_takes_it(
         await until(lambda: settled(services(proxy)) == 1)
     finally:
         await admin.stop()
-    assert len(receiver.got) == 3
-    assert len({raw for _, raw in receiver.got}) == 1
-    for headers, raw in receiver.got:
+    assert len(receiver.received) == 3
+    assert len({raw for _, raw, _ in receiver.received}) == 1
+    for headers, raw, _ in receiver.received:
         assert check_signed(headers, raw)["id"] == LOCATION
     assert (services(proxy).alerts.accepted, services(proxy).alerts.failed) == (1, 0)
 
@@ -255,7 +232,7 @@ async def test_two_replicas_send_one_alert_and_both_gauges_follow_the_store(
     # Each sees the dead record, by its own mark or through its keep-alive pass.
     await until(lambda: [dead_for_main(replica) for replica in both] == [1, 1])
     assert [sum(s.alerts.accepted for s in both), sum(s.alerts.delivered for s in both)] == [1, 1]
-    assert len(receiver.got) == 1
+    assert len(receiver.received) == 1
     sinces = sorted((s.reauth.listing()[0]["since"] is None) for s in both)
     assert sinces == [False, True]  # the marking replica knows when; the other does not
     assert simulator.state.stats()["dead_refresh_token_uses"] == 1

@@ -5,20 +5,17 @@ and on every event line logged while the request is handled."""
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from proxy.harness.tokens import bearer
-from proxy.logs import JsonLinesHandler
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
+from tests.support.json_logs import LogLines, json_log_lines
 
 APP_ID = SIM_CLIENT_ID.split("-", 1)[0]
 LOCATION = "requestIds01"
@@ -27,26 +24,13 @@ NEW_ID = re.compile(r"[0-9a-f]{32}")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
-LogLines = Callable[[], list[dict[str, Any]]]
 
 
 @pytest.fixture
 def log_lines() -> Iterator[LogLines]:
     """The JSON lines the proxy's handler would write (INFO and up), as dicts."""
-    stream = io.StringIO()
-    handler = JsonLinesHandler(stream)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-    def lines() -> list[dict[str, Any]]:
-        handler.flush()
-        return [json.loads(line) for line in stream.getvalue().splitlines()]
-
-    yield lines
-    root.removeHandler(handler)
-    root.setLevel(level)
+    with json_log_lines() as lines:
+        yield lines
 
 
 @pytest.fixture

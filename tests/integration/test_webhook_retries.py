@@ -9,12 +9,10 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from proxy.harness.redis_server import RedisServer
@@ -22,52 +20,19 @@ from proxy.server import RunningServer
 from proxy.tokens.forwarding import SIGNATURE_HEADER, WEBHOOK_ID_HEADER, verify
 from tests.conftest import SIM_CLIENT_ID
 from tests.support.installs import install_via_start
+from tests.support.receivers import Receiver as Subscriber
+from tests.support.receivers import running_receiver
 from tests.support.webhook_deliveries import PUBLIC_PEM, deliver, deliver_answer, event
 
 RETRY_AFTER_S = 7
 SECRET = "forward-secret-for-tests"
-STATE_WAIT_S = 15.0
-
-
-@dataclass
-class Subscriber:
-    """A real aiohttp server standing for an app behind the proxy: it records every POST
-    and answers the statuses it is given, then 200."""
-
-    url: str = ""
-    statuses: list[int] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        status = self.statuses.pop(0) if self.statuses else 200
-        body = await request.read()
-        async with self.arrived:
-            self.received.append((dict(request.headers), body, status))
-            self.arrived.notify_all()
-        return web.Response(status=status)
-
-    async def wait_for(self, count: int) -> None:
-        """Wait until `count` POSTs arrived (state, not time)."""
-        async with self.arrived:
-            await asyncio.wait_for(
-                self.arrived.wait_for(lambda: len(self.received) >= count), STATE_WAIT_S
-            )
 
 
 @pytest.fixture
 async def subscriber() -> AsyncIterator[Subscriber]:
-    sub = Subscriber()
-    app = web.Application()
-    app.router.add_post("/hooks", sub.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    sub.url = f"http://127.0.0.1:{port}/hooks"
-    yield sub
-    await runner.cleanup()
+    """A real server standing for an app behind the proxy."""
+    async with running_receiver("/hooks") as receiver:
+        yield receiver
 
 
 def webhooks(subscriber: Subscriber | None = None) -> dict[str, Any]:
