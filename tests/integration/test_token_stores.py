@@ -214,8 +214,9 @@ async def test_claimed_reads_a_claim_without_taking_it(store: TokenStore) -> Non
     assert await store.claim_once("webhook:read", 30)
     assert await store.claimed("webhook:read")
     assert not await store.claimed("webhook:other")
+    # "While it lasts" is checked on the 30 s claim above: a check inside a short TTL
+    # would race it on a loaded machine.
     assert await store.claim_once("webhook:brief", SHORT_TTL_S)
-    assert await store.claimed("webhook:brief")
     await asyncio.sleep(PAST_SHORT_TTL_S)
     assert not await store.claimed("webhook:brief")
 
