@@ -27,6 +27,7 @@ from proxy.http_errors import error_body
 from proxy.services import Services
 from proxy.tokens import operations
 from proxy.tokens.operations import TokenView
+from proxy.tokens.store import TokenRecord
 from proxy.typing import RESOURCE_KINDS, ResourceKind, resource_kind
 
 ServicesOf = Callable[[web.Request], Services]
@@ -70,8 +71,7 @@ async def show_token(request: web.Request) -> web.Response:
     record = await services.token_store.get(app.app_id, kind, resource_id)
     if record is None:
         raise _unknown(operations.not_stored(app, kind, resource_id))
-    view = operations.view_of(record, operations.app_names_by_id(services.config))
-    return web.json_response(_json(view, services.config, time.time()))
+    return _record_answer(record, services)
 
 
 async def refresh_token(request: web.Request) -> web.Response:
@@ -86,8 +86,7 @@ async def refresh_token(request: web.Request) -> web.Response:
     except ReauthorizationRequired as exc:
         body = error_body(REAUTH_STATUS, exc.message, "reauthorization_required")
         return web.Response(status=REAUTH_STATUS, body=body, content_type="application/json")
-    view = operations.view_of(fresh, operations.app_names_by_id(services.config))
-    return web.json_response(_json(view, services.config, time.time()))
+    return _record_answer(fresh, services)
 
 
 async def delete_token(request: web.Request) -> web.Response:
@@ -130,6 +129,12 @@ def _resource(request: web.Request, config: Config) -> tuple[AppConfig, Resource
 
 def _unknown(exc: NoToken) -> NoToken:
     return NoToken(f"{exc.message}: GET /tokens lists the stored resources")
+
+
+def _record_answer(record: TokenRecord, services: Services) -> web.Response:
+    """One record as the JSON answer: its view, never its tokens."""
+    view = operations.view_of(record, operations.app_names_by_id(services.config))
+    return web.json_response(_json(view, services.config, time.time()))
 
 
 def _json(view: TokenView, config: Config, now: float) -> dict[str, object]:
